@@ -1,0 +1,44 @@
+# veil — build, test and benchmark. `make help` lists the targets.
+GO       ?= go
+PKGS     ?= ./...
+BENCHTIME ?= 1s
+BIN      := bin
+
+.PHONY: all build generate test unit check fmt fmt-check vet bench fuzz clean help
+
+all: build
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+build: ## build every binary into bin/
+	$(GO) build -o $(BIN)/ ./cmd/...
+
+generate: ## regenerate committed generated code (bpf2go, protoc)
+	$(GO) generate ./...
+
+test: check unit ## the README's test command: gofmt check, go vet, all tests
+
+unit: ## go test every package (privileged tests need root)
+	$(GO) test -count=1 -timeout 30m $(PKGS)
+
+check: fmt-check vet ## static checks only
+
+fmt: ## rewrite files with gofmt
+	gofmt -w $$(git ls-files '*.go')
+
+fmt-check: ## fail if any file needs gofmt
+	@out=$$(gofmt -l $$(git ls-files '*.go' | grep -v '_bpfe[lb].go$$')); \
+	if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+
+vet: ## go vet
+	$(GO) vet $(PKGS)
+
+bench: ## benchmarks with allocation counts; figures go into closing notes
+	$(GO) test -run '^$$' -bench . -benchmem -benchtime $(BENCHTIME) $(PKGS)
+
+fuzz: ## run each fuzz target for FUZZTIME (default 30s)
+	./scripts/fuzz.sh $${FUZZTIME:-30s}
+
+clean:
+	rm -rf $(BIN)
