@@ -1,0 +1,313 @@
+package identity
+
+import (
+	"bytes"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"io/fs"
+	"math/big"
+	"net/url"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"k8s.io/utils/clock"
+)
+
+// The files of a CA directory, in the layout of Istio's `cacerts` secret.
+const (
+	CACertFile    = "ca-cert.pem"    // the signing certificate (root or intermediate)
+	CAKeyFile     = "ca-key.pem"     // its private key, mode 0600
+	CertChainFile = "cert-chain.pem" // the signing certificate's chain up to the root
+	RootCertFile  = "root-cert.pem"  // the trust bundle: one or more roots
+)
+
+const (
+	// DefaultMaxTTL is the longest leaf lifetime the CA issues unless configured.
+	DefaultMaxTTL = 24 * time.Hour
+	// Backdate is how far before "now" a leaf becomes valid, for clock skew between nodes.
+	Backdate = 5 * time.Minute
+	// rootValidity is the lifetime of a root the CA generates itself.
+	rootValidity = 10 * 365 * 24 * time.Hour
+)
+
+// CAOptions configure a CA. The zero value of every field means its default.
+type CAOptions struct {
+	// TrustDomain the CA signs for. Default cluster.local.
+	TrustDomain spiffeid.TrustDomain
+	// MaxTTL clamps the lifetime of issued leaves. Default DefaultMaxTTL.
+	MaxTTL time.Duration
+	// Clock, for tests. Default the real clock.
+	Clock clock.PassiveClock
+}
+
+func (o CAOptions) withDefaults() CAOptions {
+	if o.TrustDomain.IsZero() {
+		o.TrustDomain = spiffeid.RequireTrustDomainFromString(DefaultTrustDomain)
+	}
+	if o.MaxTTL <= 0 {
+		o.MaxTTL = DefaultMaxTTL
+	}
+	if o.Clock == nil {
+		o.Clock = clock.RealClock{}
+	}
+	return o
+}
+
+// CA signs workload certificates. It is immutable after construction and safe for
+// concurrent use.
+type CA struct {
+	opts   CAOptions
+	signer crypto.Signer
+	cert   *x509.Certificate   // signs leaves
+	chain  []*x509.Certificate // certificates between cert and a root, cert excluded, roots excluded
+	roots  []*x509.Certificate // the trust bundle
+	// rootsPEM is root-cert.pem as read or written, returned to clients as the bundle.
+	rootsPEM []byte
+}
+
+// LoadOrCreateCA loads the CA from dir (Istio `cacerts` layout). If dir holds none of
+// the CA files, it generates an ECDSA P-256 root, writes it there (the key with mode
+// 0600) and uses it, so a restart keeps the same root. A directory holding only some of
+// the files, a key that does not match the certificate, or a chain that does not verify
+// to a root in root-cert.pem is an error; nothing is overwritten.
+func LoadOrCreateCA(dir string, opts CAOptions) (*CA, error) {
+	present := 0
+	for _, f := range []string{CACertFile, CAKeyFile, CertChainFile, RootCertFile} {
+		if _, err := os.Stat(filepath.Join(dir, f)); err == nil {
+			present++
+		} else if !errors.Is(err, fs.ErrNotExist) {
+			return nil, fmt.Errorf("identity: ca dir %s: %w", dir, err)
+		}
+	}
+	if present > 0 {
+		return LoadCA(dir, opts)
+	}
+	ca, err := NewSelfSignedCA(opts)
+	if err != nil {
+		return nil, err
+	}
+	if err := ca.write(dir); err != nil {
+		return nil, err
+	}
+	return ca, nil
+}
+
+// NewSelfSignedCA generates a CA with a fresh ECDSA P-256 root held only in memory.
+func NewSelfSignedCA(opts CAOptions) (*CA, error) {
+	opts = opts.withDefaults()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, fmt.Errorf("identity: generate root key: %w", err)
+	}
+	now := opts.Clock.Now()
+	tmpl := &x509.Certificate{
+		SerialNumber:          randomSerial(),
+		Subject:               pkix.Name{Organization: []string{opts.TrustDomain.String()}, CommonName: "veil root CA"},
+		NotBefore:             now.Add(-Backdate),
+		NotAfter:              now.Add(rootValidity),
+		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign | x509.KeyUsageDigitalSignature,
+		BasicConstraintsValid: true,
+		IsCA:                  true,
+		URIs:                  []*url.URL{opts.TrustDomain.ID().URL()},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
+	if err != nil {
+		return nil, fmt.Errorf("identity: create root certificate: %w", err)
+	}
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		return nil, err
+	}
+	return &CA{
+		opts:     opts,
+		signer:   key,
+		cert:     cert,
+		roots:    []*x509.Certificate{cert},
+		rootsPEM: encodeCerts(cert),
+	}, nil
+}
+
+// LoadCA loads an operator-supplied CA from dir: ca-cert.pem, ca-key.pem, root-cert.pem
+// and, when ca-cert.pem is an intermediate, cert-chain.pem. It refuses a key that does
+// not match ca-cert.pem, a ca-cert.pem that is not a CA, and a chain that does not verify
+// to one of the roots in root-cert.pem.
+func LoadCA(dir string, opts CAOptions) (*CA, error) {
+	opts = opts.withDefaults()
+	read := func(name string, required bool) ([]byte, error) {
+		b, err := os.ReadFile(filepath.Join(dir, name))
+		if errors.Is(err, fs.ErrNotExist) && !required {
+			return nil, nil
+		}
+		if err != nil {
+			return nil, fmt.Errorf("identity: ca dir %s: %w", dir, err)
+		}
+		return b, nil
+	}
+	certPEM, err := read(CACertFile, true)
+	if err != nil {
+		return nil, err
+	}
+	keyPEM, err := read(CAKeyFile, true)
+	if err != nil {
+		return nil, err
+	}
+	rootsPEM, err := read(RootCertFile, true)
+	if err != nil {
+		return nil, err
+	}
+	chainPEM, err := read(CertChainFile, false)
+	if err != nil {
+		return nil, err
+	}
+
+	certs, err := ParseCertificates(certPEM)
+	if err != nil || len(certs) != 1 {
+		return nil, fmt.Errorf("identity: %s: want exactly one certificate: %v", CACertFile, err)
+	}
+	cert := certs[0]
+	if !cert.IsCA || cert.KeyUsage&x509.KeyUsageCertSign == 0 {
+		return nil, fmt.Errorf("identity: %s: %q is not a CA certificate (basic constraints CA and key usage certSign required)", CACertFile, cert.Subject)
+	}
+	signer, err := ParsePrivateKey(keyPEM)
+	if err != nil {
+		return nil, fmt.Errorf("identity: %s: %w", CAKeyFile, err)
+	}
+	if !publicKeysEqual(signer.Public(), cert.PublicKey) {
+		return nil, fmt.Errorf("identity: %s does not match the public key of %s", CAKeyFile, CACertFile)
+	}
+	roots, err := ParseCertificates(rootsPEM)
+	if err != nil {
+		return nil, fmt.Errorf("identity: %s: %w", RootCertFile, err)
+	}
+	if len(roots) == 0 {
+		return nil, fmt.Errorf("identity: %s: no certificates", RootCertFile)
+	}
+	chainCerts, err := ParseCertificates(chainPEM)
+	if err != nil {
+		return nil, fmt.Errorf("identity: %s: %w", CertChainFile, err)
+	}
+	// The chain between the signing certificate and the roots: cert-chain.pem minus the
+	// signing certificate itself and minus any root (Istio's cert-chain.pem usually
+	// holds intermediate + root).
+	var chain []*x509.Certificate
+	for _, c := range chainCerts {
+		if c.Equal(cert) || containsCert(roots, c) {
+			continue
+		}
+		chain = append(chain, c)
+	}
+	ca := &CA{opts: opts, signer: signer, cert: cert, chain: chain, roots: roots, rootsPEM: rootsPEM}
+	if _, err := ca.verify(cert, opts.Clock.Now()); err != nil {
+		return nil, fmt.Errorf("identity: %s does not verify to a root in %s through %s: %w", CACertFile, RootCertFile, CertChainFile, err)
+	}
+	return ca, nil
+}
+
+// TrustDomain is the trust domain the CA signs for.
+func (ca *CA) TrustDomain() spiffeid.TrustDomain { return ca.opts.TrustDomain }
+
+// Roots returns the trust bundle. The caller must not modify it.
+func (ca *CA) Roots() []*x509.Certificate { return ca.roots }
+
+// RootsPEM returns the trust bundle in PEM.
+func (ca *CA) RootsPEM() []byte { return bytes.Clone(ca.rootsPEM) }
+
+// SigningCertificate returns the certificate that signs leaves.
+func (ca *CA) SigningCertificate() *x509.Certificate { return ca.cert }
+
+// verify checks that c chains, through the CA's chain, to one of its roots at time now.
+func (ca *CA) verify(c *x509.Certificate, now time.Time) ([][]*x509.Certificate, error) {
+	opts := x509.VerifyOptions{
+		Roots:         x509.NewCertPool(),
+		Intermediates: x509.NewCertPool(),
+		CurrentTime:   now,
+		KeyUsages:     []x509.ExtKeyUsage{x509.ExtKeyUsageAny},
+	}
+	for _, r := range ca.roots {
+		opts.Roots.AddCert(r)
+	}
+	for _, i := range append([]*x509.Certificate{ca.cert}, ca.chain...) {
+		opts.Intermediates.AddCert(i)
+	}
+	return c.Verify(opts)
+}
+
+// write persists a self-signed CA into dir in the cacerts layout, key file mode 0600.
+func (ca *CA) write(dir string) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("identity: ca dir: %w", err)
+	}
+	keyDER, err := x509.MarshalPKCS8PrivateKey(ca.signer)
+	if err != nil {
+		return fmt.Errorf("identity: marshal ca key: %w", err)
+	}
+	files := []struct {
+		name string
+		data []byte
+		mode os.FileMode
+	}{
+		// The key first: a crash after it but before the certificate leaves a partial
+		// directory that LoadOrCreateCA refuses instead of silently replacing.
+		{CAKeyFile, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}), 0o600},
+		{CACertFile, encodeCerts(ca.cert), 0o644},
+		{CertChainFile, encodeCerts(ca.cert), 0o644},
+		{RootCertFile, ca.rootsPEM, 0o644},
+	}
+	for _, f := range files {
+		if err := writeFileAtomic(filepath.Join(dir, f.name), f.data, f.mode); err != nil {
+			return fmt.Errorf("identity: write %s: %w", f.name, err)
+		}
+	}
+	return nil
+}
+
+func writeFileAtomic(path string, data []byte, mode os.FileMode) error {
+	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".*")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(tmp.Name())
+	if err := tmp.Chmod(mode); err != nil {
+		tmp.Close()
+		return err
+	}
+	if _, err := tmp.Write(data); err != nil {
+		tmp.Close()
+		return err
+	}
+	if err := tmp.Sync(); err != nil {
+		tmp.Close()
+		return err
+	}
+	if err := tmp.Close(); err != nil {
+		return err
+	}
+	return os.Rename(tmp.Name(), path)
+}
+
+func randomSerial() *big.Int {
+	// 128 random bits, positive, as RFC 5280 §4.1.2.2 allows up to 20 octets.
+	n, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 128))
+	if err != nil {
+		panic("identity: crypto/rand failed: " + err.Error())
+	}
+	return n.Add(n, big.NewInt(1))
+}
+
+func containsCert(set []*x509.Certificate, c *x509.Certificate) bool {
+	for _, s := range set {
+		if s.Equal(c) {
+			return true
+		}
+	}
+	return false
+}
