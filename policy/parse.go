@@ -255,12 +255,12 @@ func decodeMeta(meta *Meta, md map[string]any, raw any) error {
 	}
 	if v, ok := md["name"]; ok {
 		if _, isStr := v.(string); !isStr {
-			return &fieldIssue{"metadata.name", ErrSyntax, "must be a string"}
+			return &fieldIssue{"metadata.name", ErrSyntax, fmt.Sprintf("%v must be a string (quote it)", v)}
 		}
 	}
 	if v, ok := md["namespace"]; ok && v != nil {
 		if _, isStr := v.(string); !isStr {
-			return &fieldIssue{"metadata.namespace", ErrSyntax, "must be a string"}
+			return &fieldIssue{"metadata.namespace", ErrSyntax, fmt.Sprintf("%v must be a string (quote it; YAML reads y/n/yes/no/on/off as booleans)", v)}
 		}
 	}
 	if meta.Name == "" {
