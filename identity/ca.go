@@ -6,6 +6,7 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
@@ -13,6 +14,7 @@ import (
 	"fmt"
 	"io/fs"
 	"math/big"
+	"net"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -310,4 +312,42 @@ func containsCert(set []*x509.Certificate, c *x509.Certificate) bool {
 		}
 	}
 	return false
+}
+
+// ServingCertificate issues a TLS server certificate for the CA's own gRPC endpoint,
+// for the given DNS names and IP addresses, valid for lifetime (clamped to the signing
+// certificate). It bypasses the workload signing rules: it is minted in process, never
+// from a CSR.
+func (ca *CA) ServingCertificate(dnsNames []string, ips []net.IP, lifetime time.Duration) (tls.Certificate, error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return tls.Certificate{}, err
+	}
+	now := ca.opts.Clock.Now()
+	notAfter := now.Add(lifetime)
+	if notAfter.After(ca.cert.NotAfter) {
+		notAfter = ca.cert.NotAfter
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: randomSerial(),
+		Subject:      pkix.Name{Organization: []string{ca.opts.TrustDomain.String()}, CommonName: "veil CA server"},
+		NotBefore:    now.Add(-Backdate),
+		NotAfter:     notAfter,
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		DNSNames:     dnsNames,
+		IPAddresses:  ips,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, key.Public(), ca.signer)
+	if err != nil {
+		return tls.Certificate{}, fmt.Errorf("identity: serving certificate: %w", err)
+	}
+	out := tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
+	if !containsCert(ca.roots, ca.cert) {
+		out.Certificate = append(out.Certificate, ca.cert.Raw)
+	}
+	for _, c := range ca.chain {
+		out.Certificate = append(out.Certificate, c.Raw)
+	}
+	return out, nil
 }
