@@ -43,11 +43,15 @@ type ruleIndex struct {
 	byPrincipal map[string][]ruleRef
 	byNamespace map[string][]ruleRef
 	scan        []ruleRef
-	n           int
+	// all holds every rule, for peers whose SPIFFE ID is not an Istio identity: the namespace
+	// derived from a principal pattern cannot be trusted for them.
+	all []ruleRef
+	n   int
 }
 
 func (ix *ruleIndex) add(rr ruleRef) {
 	ix.n++
+	ix.all = append(ix.all, rr)
 	if keys := indexKeys(rr.r, attrPrincipal); keys != nil {
 		if ix.byPrincipal == nil {
 			ix.byPrincipal = map[string][]ruleRef{}
@@ -70,7 +74,8 @@ func (ix *ruleIndex) add(rr ruleRef) {
 }
 
 // indexKeys returns the exact values of a that the rule requires, or nil: some clause must have
-// only matches that each carry a positive, exact-only pred on a.
+// only matches that each carry a positive pred on a whose values are all exact. For
+// attrNamespace, a principal pattern such as "td/ns/X/*" also requires namespace X.
 func indexKeys(ru *rule, a attr) []string {
 	for _, cl := range ru.clauses {
 		if cl.never || len(cl.matches) == 0 {
@@ -81,12 +86,24 @@ func indexKeys(ru *rule, a attr) []string {
 		for _, m := range cl.matches {
 			found := false
 			for _, p := range m.preds {
-				if p.attr != a || p.not || !allExact(p.strs) {
+				if p.not {
 					continue
 				}
-				for _, s := range p.strs {
-					if !containsString(keys, s.s) {
-						keys = append(keys, s.s)
+				var vals []string
+				switch {
+				case p.attr == a && allExact(p.strs):
+					for _, s := range p.strs {
+						vals = append(vals, s.s)
+					}
+				case a == attrNamespace && p.attr == attrPrincipal:
+					vals = principalNamespaces(p.strs)
+				}
+				if vals == nil {
+					continue
+				}
+				for _, v := range vals {
+					if !containsString(keys, v) {
+						keys = append(keys, v)
 					}
 				}
 				found = true
@@ -104,6 +121,23 @@ func indexKeys(ru *rule, a attr) []string {
 	return nil
 }
 
+// principalNamespaces returns the namespace each principal pattern requires ("td/ns/X/..." as
+// an exact or prefix value with a literal trust domain), or nil if any pattern does not.
+func principalNamespaces(ms []strMatch) []string {
+	var out []string
+	for _, m := range ms {
+		if (m.kind != strExact && m.kind != strPrefix) || m.fold {
+			return nil
+		}
+		parts := strings.SplitN(m.s, "/", 4)
+		if len(parts) != 4 || parts[0] == "" || parts[1] != "ns" || parts[2] == "" {
+			return nil
+		}
+		out = append(out, parts[2])
+	}
+	return out
+}
+
 func allExact(ms []strMatch) bool {
 	for _, m := range ms {
 		if m.kind != strExact || m.fold {
@@ -118,6 +152,9 @@ func allExact(ms []strMatch) bool {
 func (ix *ruleIndex) first(r *Request) *Policy {
 	if ix.n == 0 {
 		return nil
+	}
+	if r.Peer.URI != "" && r.Peer.Namespace == "" {
+		return firstIn(ix.all, r, nil) // not an Istio identity: no bucket applies
 	}
 	var best *Policy
 	if len(ix.byPrincipal) > 0 {
@@ -185,8 +222,8 @@ func buildSet(policies []*Policy, l layer) *policySet {
 
 // enforcement is everything one workload enforces at one layer.
 type enforcement struct {
-	pa   *Policy // derived from PeerAuthentication, checked first
-	sets [3]*policySet
+	pa   *Policy       // derived from PeerAuthentication, checked first
+	sets [3]*policySet // sets[0]: mesh, namespace and selector policies; others for gateways
 }
 
 func firstAcross(sets *[4]*policySet, pick func(*policySet) *ruleIndex, r *Request) *Policy {
@@ -304,7 +341,7 @@ type Snapshot struct {
 	pas      map[string][]*Object // PeerAuthentications by namespace
 	ras      []*Object
 	static   *Policy
-	global   [2]*policySet // L4, L7
+	global   []*Policy // root namespace, no selector
 	nsScopes map[string]*nsScope
 	setCache map[string]*[2]*policySet
 
@@ -318,7 +355,7 @@ type labelPair struct{ k, v string }
 
 // nsScope holds one namespace's AuthorizationPolicies by attachment kind.
 type nsScope struct {
-	wide      [2]*policySet // no selector (or empty labels), no targetRefs
+	wide      []*Policy // no selector (or empty labels), no targetRefs
 	selectors map[labelPair][]*Policy
 	targeted  []*Policy
 }
@@ -349,7 +386,6 @@ func Compile(objects []*Object, workloads []*Workload, opts Options) *Snapshot {
 	})
 	c := newCompiler(opts)
 	var global []*Policy
-	wide := map[string][]*Policy{}
 	for _, o := range s.objects {
 		switch o.Kind {
 		case KindPeerAuthentication:
@@ -368,7 +404,7 @@ func Compile(objects []*Object, workloads []*Workload, opts Options) *Snapshot {
 			case len(ap.GetSelector().GetMatchLabels()) == 0 && o.Namespace == root:
 				global = append(global, p)
 			case len(ap.GetSelector().GetMatchLabels()) == 0:
-				wide[o.Namespace] = append(wide[o.Namespace], p)
+				ns.wide = append(ns.wide, p)
 			default:
 				k, v := anyPair(ap.Selector.MatchLabels)
 				if ns.selectors == nil {
@@ -378,10 +414,7 @@ func Compile(objects []*Object, workloads []*Workload, opts Options) *Snapshot {
 			}
 		}
 	}
-	s.global = [2]*policySet{buildSet(global, layerL4), buildSet(global, layerL7)}
-	for ns, ps := range wide {
-		s.nsScopes[ns].wide = [2]*policySet{buildSet(ps, layerL4), buildSet(ps, layerL7)}
-	}
+	s.global = global
 	s.warnDuplicates(root)
 	for _, w := range workloads {
 		cw := s.Compile(w)
@@ -470,13 +503,9 @@ func (s *Snapshot) Compile(w *Workload) *CompiledWorkload {
 		}
 	}
 	sort.Slice(selected, func(i, j int) bool { return selected[i].order < selected[j].order })
-	var wide [2]*policySet
-	if sc := s.nsScopes[w.Namespace]; sc != nil && w.Namespace != root {
-		wide = sc.wide
-	}
-	sel := s.selectorSet(selected)
-	cw.l4.sets = [3]*policySet{s.global[0], wide[0], sel[0]}
-	cw.l7.sets = [3]*policySet{s.global[1], wide[1], sel[1]}
+	set := s.workloadSet(w.Namespace, root, selected)
+	cw.l4.sets = [3]*policySet{set[0]}
+	cw.l7.sets = [3]*policySet{set[1]}
 
 	gateway := w.Labels[gatewayNameLabel]
 	if gateway != "" {
@@ -514,13 +543,14 @@ func uniqNS(ns, root string) []string {
 	return []string{ns, root}
 }
 
-// selectorSet returns the (shared) policy sets for a list of selector policies.
-func (s *Snapshot) selectorSet(ps []*Policy) [2]*policySet {
-	if len(ps) == 0 {
-		return [2]*policySet{}
-	}
+// workloadSet returns the L4 and L7 policy sets for a workload in ns selected by the selector
+// policies sel: mesh-wide, namespace-wide and selected policies merged into one set, so a
+// decision probes one index. Workloads with the same namespace and selected policies share it.
+func (s *Snapshot) workloadSet(ns, root string, sel []*Policy) [2]*policySet {
 	var b strings.Builder
-	for _, p := range ps {
+	b.WriteString(ns)
+	b.WriteByte('|')
+	for _, p := range sel {
 		b.WriteString(strconv.Itoa(int(p.order)))
 		b.WriteByte(',')
 	}
@@ -528,6 +558,12 @@ func (s *Snapshot) selectorSet(ps []*Policy) [2]*policySet {
 	if set, ok := s.setCache[key]; ok {
 		return *set
 	}
+	ps := append([]*Policy(nil), s.global...)
+	if sc := s.nsScopes[ns]; sc != nil && ns != root {
+		ps = append(ps, sc.wide...)
+	}
+	ps = append(ps, sel...)
+	sort.Slice(ps, func(i, j int) bool { return ps[i].order < ps[j].order })
 	set := &[2]*policySet{buildSet(ps, layerL4), buildSet(ps, layerL7)}
 	s.setCache[key] = set
 	return *set
