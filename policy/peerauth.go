@@ -133,7 +133,7 @@ func ResolvePeerAuthentication(pas []*Object, rootNamespace, namespace string, l
 		case o.Namespace == rootNamespace:
 			// A root-namespace policy with a selector is ignored entirely, even for workloads
 			// in the root namespace (§1.3).
-			if namespace == rootNamespace && selects(o.PeerAuthentication.Selector.MatchLabels, labels) {
+			if selects(o.PeerAuthentication.Selector.MatchLabels, labels) {
 				res.Ignored = append(res.Ignored, o)
 			}
 		case o.Namespace != namespace:
