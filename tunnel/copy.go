@@ -1,0 +1,92 @@
+package tunnel
+
+import (
+	"errors"
+	"io"
+	"net"
+	"sync"
+	"syscall"
+)
+
+// bufSize is the copy buffer of TLS legs: two maximum TLS records.
+const bufSize = 32 << 10
+
+var bufPool = sync.Pool{New: func() any { b := make([]byte, bufSize); return &b }}
+
+// closeWriter is a connection whose write side can be shut alone (TCP FIN, HTTP/2
+// END_STREAM) while its read side stays open.
+type closeWriter interface {
+	CloseWrite() error
+}
+
+// Counts are the bytes Join moved in each direction.
+type Counts struct {
+	AToB, BToA int64
+}
+
+// Join copies a to b and b to a until both directions end, and returns the bytes moved
+// each way. A direction that ends cleanly (EOF) half-closes its destination, so a FIN
+// on one side becomes a CloseWrite on the other and the other direction goes on. A
+// direction that fails closes both connections, which ends the other direction too.
+// Join waits for both copies; it closes a and b before it returns. Between two
+// *net.TCPConn the kernel splices; other legs copy through pooled buffers.
+func Join(a, b io.ReadWriteCloser) (Counts, error) {
+	var c Counts
+	var errAB, errBA error
+	var once sync.Once
+	abort := func() { once.Do(func() { a.Close(); b.Close() }) }
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		c.AToB, errAB = copyHalf(b, a)
+		if errAB != nil {
+			abort()
+		}
+	}()
+	c.BToA, errBA = copyHalf(a, b)
+	if errBA != nil {
+		abort()
+	}
+	wg.Wait()
+	abort()
+	return c, errors.Join(quiet(errAB), quiet(errBA))
+}
+
+// copyHalf copies src to dst, then half-closes dst. It returns nil when src ended with EOF.
+func copyHalf(dst io.Writer, src io.Reader) (int64, error) {
+	var n int64
+	var err error
+	_, dstTCP := dst.(*net.TCPConn)
+	_, srcTCP := src.(*net.TCPConn)
+	if dstTCP && srcTCP {
+		n, err = io.Copy(dst, src) // TCPConn.ReadFrom splices
+	} else {
+		bp := bufPool.Get().(*[]byte)
+		// Hide ReaderFrom/WriterTo so io.CopyBuffer uses the pooled buffer instead of
+		// allocating its own.
+		n, err = io.CopyBuffer(struct{ io.Writer }{dst}, struct{ io.Reader }{src}, *bp)
+		bufPool.Put(bp)
+	}
+	if err != nil {
+		return n, err
+	}
+	if cw, ok := dst.(closeWriter); ok {
+		if err := cw.CloseWrite(); err != nil && !errors.Is(err, net.ErrClosed) {
+			return n, err
+		}
+	}
+	return n, nil
+}
+
+// quiet drops the errors that follow from Join's own abort or from a peer's reset
+// after the other side has gone: they say nothing about why the flow ended.
+func quiet(err error) error {
+	if err == nil || errors.Is(err, net.ErrClosed) || errors.Is(err, io.ErrClosedPipe) {
+		return nil
+	}
+	if errors.Is(err, syscall.EPIPE) {
+		return nil
+	}
+	return err
+}
