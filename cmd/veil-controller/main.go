@@ -21,6 +21,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/veilmesh/veil/controller"
 	"github.com/veilmesh/veil/identity"
+	"github.com/veilmesh/veil/internal/cluster"
 )
 
 func main() {
@@ -84,18 +85,18 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	podList, podErrs, err := controller.LoadPods(*pods)
+	state, loadErrs, err := cluster.LoadDir(*pods)
 	if err != nil {
 		return err
 	}
-	for _, e := range podErrs {
-		log.Warn("pods: document ignored", "err", e)
+	for _, e := range loadErrs {
+		log.Warn("pods: object ignored", "err", e)
 	}
-	placement, err := controller.Placement(td, podList)
+	placement, err := controller.Placement(td, state.Pods)
 	if err != nil {
 		return err
 	}
-	log.Info("pods loaded", "pods", len(podList), "nodes", len(placement))
+	log.Info("pods loaded", "pods", len(state.Pods), "nodes", len(placement))
 
 	lis, err := net.Listen("tcp", *listen)
 	if err != nil {

@@ -3,40 +3,21 @@ package controller
 import (
 	"os"
 	"path/filepath"
-	"reflect"
 	"strings"
 	"testing"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/veilmesh/veil/identity"
+	"github.com/veilmesh/veil/internal/cluster"
 )
 
-func TestLoadPods(t *testing.T) {
-	pods, errs, err := LoadPods("testdata/pods")
-	if err != nil {
-		t.Fatal(err)
-	}
-	want := []Pod{
-		{Namespace: "bookinfo", Name: "reviews-v1-7d8f", ServiceAccount: "bookinfo-reviews", Node: "node-1"},
-		{Namespace: "bookinfo", Name: "ratings-v1-5c9b", ServiceAccount: "bookinfo-ratings", Node: "node-2"},
-		{Namespace: "bookinfo", Name: "pending", ServiceAccount: "bookinfo-details"},
-		{Namespace: "default", Name: "sleep", ServiceAccount: "default", Node: "node-1"},
-	}
-	if !reflect.DeepEqual(pods, want) {
-		t.Fatalf("pods\n got %+v\nwant %+v", pods, want)
-	}
-	if len(errs) != 1 || !strings.Contains(errs[0].Error(), "broken.yaml") {
-		t.Fatalf("errors %v, want one naming broken.yaml", errs)
-	}
-}
-
 func TestPlacementAuthorizesOnlyScheduledPods(t *testing.T) {
-	pods, _, err := LoadPods("testdata/pods")
+	st, _, err := cluster.LoadDir("../internal/cluster/testdata/pods")
 	if err != nil {
 		t.Fatal(err)
 	}
 	td := spiffeid.RequireTrustDomainFromString("cluster.local")
-	pl, err := Placement(td, pods)
+	pl, err := Placement(td, st.Pods)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -51,6 +32,7 @@ func TestPlacementAuthorizesOnlyScheduledPods(t *testing.T) {
 		{"node-2", id("bookinfo", "bookinfo-ratings"), true},
 		{"node-1", id("default", "default"), true},
 		{"node-1", id("bookinfo", "bookinfo-details"), false}, // not scheduled
+		{"node-1", id("kube-system", "kube-proxy"), false},    // host network
 		{"node-3", id("bookinfo", "bookinfo-reviews"), false},
 	} {
 		if got := pl.IdentityOnNode(tc.node, tc.id); got != tc.want {

@@ -1,0 +1,123 @@
+package cluster
+
+import (
+	"net/netip"
+	"sort"
+)
+
+// The ambient enrollment label and its values (ISTIO-SEMANTICS §5).
+const (
+	DataplaneModeLabel = "istio.io/dataplane-mode"
+	DataplaneAmbient   = "ambient"
+	DataplaneNone      = "none"
+	// SidecarStatusAnnotation marks a pod with an Istio sidecar: never enrolled.
+	SidecarStatusAnnotation = "sidecar.istio.io/status"
+)
+
+// Namespace is a core/v1 Namespace.
+type Namespace struct {
+	Name   string
+	Labels map[string]string
+}
+
+// Pod is what the data plane needs of a core/v1 Pod.
+type Pod struct {
+	Namespace      string
+	Name           string
+	ServiceAccount string // "default" when the manifest names none
+	Node           string // spec.nodeName; empty while unscheduled
+	Labels         map[string]string
+	Annotations    map[string]string
+	IPs            []netip.Addr // status.podIPs (status.podIP first)
+	HostNetwork    bool
+	// NamedPorts maps container port names to numbers, for Services' named targetPorts.
+	NamedPorts map[string]uint16
+	// Ready is the Ready condition; a pod with no conditions counts as ready (a
+	// hand-written manifest), one with Ready=False does not.
+	Ready bool
+	// Source names the file and document the pod came from.
+	Source string
+}
+
+// Service is a core/v1 Service.
+type Service struct {
+	Namespace  string
+	Name       string
+	Labels     map[string]string
+	ClusterIPs []netip.Addr // none for a headless Service
+	Selector   map[string]string
+	Ports      []ServicePort
+	Source     string
+}
+
+// ServicePort maps a Service port to the pods' port. Only TCP ports matter to veil.
+type ServicePort struct {
+	Name       string
+	Protocol   string // TCP, UDP or SCTP
+	Port       uint16
+	TargetPort uint16 // 0 when the target port is named: resolved per pod
+	TargetName string // the named target port, if any
+}
+
+// State is a consistent view of the cluster's objects.
+type State struct {
+	Namespaces map[string]*Namespace
+	Pods       []*Pod
+	Services   []*Service
+}
+
+// Enrolled reports whether p is in the mesh as istio-cni decides: the pod is labelled
+// ambient, or its namespace is and the pod is not labelled none; never host-network
+// pods or pods with a sidecar.
+func (s *State) Enrolled(p *Pod) bool {
+	if p.HostNetwork {
+		return false
+	}
+	if _, sidecar := p.Annotations[SidecarStatusAnnotation]; sidecar {
+		return false
+	}
+	switch p.Labels[DataplaneModeLabel] {
+	case DataplaneAmbient:
+		return true
+	case DataplaneNone:
+		return false
+	}
+	ns := s.Namespaces[p.Namespace]
+	return ns != nil && ns.Labels[DataplaneModeLabel] == DataplaneAmbient
+}
+
+// Endpoints returns the ready pods with an IP that svc selects, in a stable order. A
+// Service without a selector has no endpoints here (EndpointSlices are not modelled).
+func (s *State) Endpoints(svc *Service) []*Pod {
+	if len(svc.Selector) == 0 {
+		return nil
+	}
+	var out []*Pod
+	for _, p := range s.Pods {
+		if p.Namespace == svc.Namespace && p.Ready && len(p.IPs) > 0 && !p.HostNetwork && Selects(svc.Selector, p.Labels) {
+			out = append(out, p)
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out
+}
+
+// TargetPortOn returns the pod port that Service port sp reaches on p: its number, or
+// the pod's container port of that name. ok is false when p has no such named port.
+func (sp ServicePort) TargetPortOn(p *Pod) (port uint16, ok bool) {
+	if sp.TargetName == "" {
+		return sp.TargetPort, true
+	}
+	port, ok = p.NamedPorts[sp.TargetName]
+	return port, ok
+}
+
+// Selects reports whether every key/value of selector is in labels.
+func Selects(selector, labels map[string]string) bool {
+	for k, v := range selector {
+		if lv, ok := labels[k]; !ok || lv != v {
+			return false
+		}
+	}
+	return true
+}

@@ -1,0 +1,124 @@
+package cluster
+
+import (
+	"net/netip"
+	"strings"
+	"testing"
+)
+
+func load(t *testing.T, dir string) (*State, []error) {
+	t.Helper()
+	st, errs, err := LoadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st, errs
+}
+
+func pod(t *testing.T, st *State, ns, name string) *Pod {
+	t.Helper()
+	for _, p := range st.Pods {
+		if p.Namespace == ns && p.Name == name {
+			return p
+		}
+	}
+	t.Fatalf("no pod %s/%s", ns, name)
+	return nil
+}
+
+func TestEnrollment(t *testing.T) {
+	st, _ := load(t, "testdata/enrollment")
+	for _, tc := range []struct {
+		ns, name string
+		want     bool
+	}{
+		{"bookinfo", "reviews-v1", true},    // namespace is ambient
+		{"bookinfo", "opted-out", false},    // pod label none wins
+		{"bookinfo", "with-sidecar", false}, // sidecar pods are never enrolled
+		{"bookinfo", "host", false},         // host network
+		{"legacy", "sleep", false},          // namespace not in the mesh
+		{"legacy", "opted-in", true},        // pod label ambient
+	} {
+		if got := st.Enrolled(pod(t, st, tc.ns, tc.name)); got != tc.want {
+			t.Errorf("Enrolled(%s/%s) = %v, want %v", tc.ns, tc.name, got, tc.want)
+		}
+	}
+}
+
+func TestPodFields(t *testing.T) {
+	st, _ := load(t, "testdata/enrollment")
+	p := pod(t, st, "bookinfo", "reviews-v1")
+	if p.ServiceAccount != "bookinfo-reviews" || p.Node != "node-1" || !p.Ready || p.Labels["app"] != "reviews" {
+		t.Fatalf("pod %+v", p)
+	}
+	want := []netip.Addr{netip.MustParseAddr("10.1.1.10"), netip.MustParseAddr("fd00:1:1::10")}
+	if len(p.IPs) != 2 || p.IPs[0] != want[0] || p.IPs[1] != want[1] {
+		t.Fatalf("IPs %v, want %v (deduplicated, podIP first)", p.IPs, want)
+	}
+	if p := pod(t, st, "bookinfo", "opted-out"); p.ServiceAccount != "default" {
+		t.Fatalf("default service account: %q", p.ServiceAccount)
+	}
+	if p := pod(t, st, "bookinfo", "reviews-v2"); p.Ready {
+		t.Fatal("Ready=False pod counted ready")
+	}
+}
+
+func TestServiceEndpointsAndPorts(t *testing.T) {
+	st, _ := load(t, "testdata/enrollment")
+	if len(st.Services) != 1 {
+		t.Fatalf("%d services", len(st.Services))
+	}
+	svc := st.Services[0]
+	if len(svc.ClusterIPs) != 1 || svc.ClusterIPs[0] != netip.MustParseAddr("10.96.0.10") {
+		t.Fatalf("cluster IPs %v", svc.ClusterIPs)
+	}
+	eps := st.Endpoints(svc)
+	if len(eps) != 1 || eps[0].Name != "reviews-v1" {
+		t.Fatalf("endpoints %v, want only the ready reviews-v1", eps)
+	}
+	for _, tc := range []struct {
+		port, want uint16
+	}{{9080, 9080}, {80, 8080}, {7070, 7070}} {
+		var sp *ServicePort
+		for i := range svc.Ports {
+			if svc.Ports[i].Port == tc.port {
+				sp = &svc.Ports[i]
+			}
+		}
+		if sp == nil {
+			t.Fatalf("no port %d", tc.port)
+		}
+		if got, ok := sp.TargetPortOn(eps[0]); !ok || got != tc.want {
+			t.Errorf("port %d targets %d (%v), want %d", tc.port, got, ok, tc.want)
+		}
+	}
+}
+
+func TestBadObjectsAreReportedAlone(t *testing.T) {
+	st, errs := load(t, "testdata/enrollment")
+	if len(errs) != 2 {
+		t.Fatalf("errors %v, want 2", errs)
+	}
+	for i, want := range []string{`bad.yaml#1: pod bookinfo/bad-ip: status.podIP: "not-an-ip"`, `bad.yaml#2: service bookinfo/bad-port: spec.ports[0].port: 70000`} {
+		if !strings.Contains(errs[i].Error(), want) {
+			t.Errorf("error %q lacks %q", errs[i], want)
+		}
+	}
+	pod(t, st, "bookinfo", "fine-after-bad")
+}
+
+func TestLoadKubectlOutput(t *testing.T) {
+	st, errs := load(t, "testdata/pods")
+	if len(errs) != 1 || !strings.Contains(errs[0].Error(), "broken.yaml") {
+		t.Fatalf("errors %v, want one naming broken.yaml", errs)
+	}
+	if len(st.Pods) != 5 {
+		t.Fatalf("%d pods, want 5 (List items unpacked, other kinds skipped)", len(st.Pods))
+	}
+	if p := pod(t, st, "default", "sleep"); p.ServiceAccount != "default" {
+		t.Fatalf("pod without namespace: %+v", p)
+	}
+	if p := pod(t, st, "bookinfo", "ratings-v1-5c9b"); p.ServiceAccount != "bookinfo-ratings" {
+		t.Fatalf("deprecated spec.serviceAccount not honoured: %+v", p)
+	}
+}

@@ -1,0 +1,246 @@
+package cluster
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+
+	k8syaml "k8s.io/apimachinery/pkg/util/yaml"
+)
+
+// object is the part of a Namespace, Pod, Service or List that LoadDir reads.
+type object struct {
+	APIVersion string `json:"apiVersion"`
+	Kind       string `json:"kind"`
+	Metadata   struct {
+		Name        string            `json:"name"`
+		Namespace   string            `json:"namespace"`
+		Labels      map[string]string `json:"labels"`
+		Annotations map[string]string `json:"annotations"`
+	} `json:"metadata"`
+	Spec struct {
+		// Pod
+		ServiceAccountName string `json:"serviceAccountName"`
+		ServiceAccount     string `json:"serviceAccount"`
+		NodeName           string `json:"nodeName"`
+		HostNetwork        bool   `json:"hostNetwork"`
+		Containers         []struct {
+			Ports []struct {
+				Name          string `json:"name"`
+				ContainerPort int    `json:"containerPort"`
+			} `json:"ports"`
+		} `json:"containers"`
+		// Service
+		ClusterIP  string            `json:"clusterIP"`
+		ClusterIPs []string          `json:"clusterIPs"`
+		Selector   map[string]string `json:"selector"`
+		Ports      []struct {
+			Name       string `json:"name"`
+			Protocol   string `json:"protocol"`
+			Port       int    `json:"port"`
+			TargetPort any    `json:"targetPort"` // int or string
+		} `json:"ports"`
+	} `json:"spec"`
+	Status struct {
+		PodIP  string `json:"podIP"`
+		PodIPs []struct {
+			IP string `json:"ip"`
+		} `json:"podIPs"`
+		Conditions []struct {
+			Type   string `json:"type"`
+			Status string `json:"status"`
+		} `json:"conditions"`
+	} `json:"status"`
+	Items []object `json:"items"`
+}
+
+// LoadDir reads Namespaces, Pods and Services from every *.yaml, *.yml and *.json file
+// directly in dir (kubectl-style manifests, several documents a file, kind List
+// unpacked), in name order. Other kinds are skipped. An object that cannot be decoded is
+// reported in errs, naming its file and document, and left out; err is only for a
+// directory that cannot be read.
+func LoadDir(dir string) (st *State, errs []error, err error) {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, nil, fmt.Errorf("cluster: %w", err)
+	}
+	var names []string
+	for _, e := range entries {
+		switch strings.ToLower(filepath.Ext(e.Name())) {
+		case ".yaml", ".yml", ".json":
+			if !e.IsDir() {
+				names = append(names, filepath.Join(dir, e.Name()))
+			}
+		}
+	}
+	sort.Strings(names)
+	st = &State{Namespaces: map[string]*Namespace{}}
+	for _, name := range names {
+		data, err := os.ReadFile(name)
+		if err != nil {
+			return nil, nil, fmt.Errorf("cluster: %w", err)
+		}
+		errs = append(errs, st.add(name, data)...)
+	}
+	return st, errs, nil
+}
+
+// Parse reads the objects of one manifest into a new State.
+func Parse(file string, data []byte) (*State, []error) {
+	st := &State{Namespaces: map[string]*Namespace{}}
+	errs := st.add(file, data)
+	return st, errs
+}
+
+func (st *State) add(file string, data []byte) []error {
+	var errs []error
+	dec := k8syaml.NewYAMLOrJSONDecoder(bytes.NewReader(data), 4096)
+	for doc := 1; ; doc++ {
+		var o object
+		err := dec.Decode(&o)
+		if errors.Is(err, io.EOF) {
+			return errs
+		}
+		src := fmt.Sprintf("%s#%d", file, doc)
+		if err != nil {
+			// The decoder cannot resynchronise after a syntax error: the rest of the file is lost.
+			return append(errs, fmt.Errorf("%s: %w", src, err))
+		}
+		for _, item := range append([]object{o}, o.Items...) {
+			if err := st.addObject(src, &item); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+}
+
+func (st *State) addObject(src string, o *object) error {
+	if o.APIVersion != "v1" {
+		return nil
+	}
+	name := func() string { return o.Metadata.Namespace + "/" + o.Metadata.Name }
+	if o.Metadata.Name == "" && (o.Kind == "Namespace" || o.Kind == "Pod" || o.Kind == "Service") {
+		return fmt.Errorf("%s: %s: metadata.name: required", src, o.Kind)
+	}
+	if o.Metadata.Namespace == "" && o.Kind != "Namespace" {
+		o.Metadata.Namespace = "default" // as kubectl applies it without -n
+	}
+	switch o.Kind {
+	case "Namespace":
+		st.Namespaces[o.Metadata.Name] = &Namespace{Name: o.Metadata.Name, Labels: o.Metadata.Labels}
+	case "Pod":
+		p := &Pod{
+			Namespace:      o.Metadata.Namespace,
+			Name:           o.Metadata.Name,
+			ServiceAccount: o.Spec.ServiceAccountName,
+			Node:           o.Spec.NodeName,
+			Labels:         o.Metadata.Labels,
+			Annotations:    o.Metadata.Annotations,
+			HostNetwork:    o.Spec.HostNetwork,
+			Ready:          true,
+			Source:         src,
+		}
+		if p.ServiceAccount == "" {
+			p.ServiceAccount = o.Spec.ServiceAccount
+		}
+		if p.ServiceAccount == "" {
+			p.ServiceAccount = "default"
+		}
+		ips := []string{o.Status.PodIP}
+		for _, ip := range o.Status.PodIPs {
+			ips = append(ips, ip.IP)
+		}
+		for i, s := range ips {
+			if s == "" {
+				continue
+			}
+			a, err := netip.ParseAddr(s)
+			if err != nil {
+				field := "status.podIP"
+				if i > 0 {
+					field = fmt.Sprintf("status.podIPs[%d].ip", i-1)
+				}
+				return fmt.Errorf("%s: pod %s: %s: %q is not an IP address", src, name(), field, s)
+			}
+			if a = a.Unmap(); !containsAddr(p.IPs, a) {
+				p.IPs = append(p.IPs, a)
+			}
+		}
+		for _, c := range o.Spec.Containers {
+			for _, cp := range c.Ports {
+				if cp.Name != "" && cp.ContainerPort > 0 && cp.ContainerPort <= 65535 {
+					if p.NamedPorts == nil {
+						p.NamedPorts = map[string]uint16{}
+					}
+					p.NamedPorts[cp.Name] = uint16(cp.ContainerPort)
+				}
+			}
+		}
+		for _, c := range o.Status.Conditions {
+			if c.Type == "Ready" {
+				p.Ready = c.Status == "True"
+			}
+		}
+		st.Pods = append(st.Pods, p)
+	case "Service":
+		svc := &Service{Namespace: o.Metadata.Namespace, Name: o.Metadata.Name, Labels: o.Metadata.Labels, Selector: o.Spec.Selector, Source: src}
+		ips := append([]string{o.Spec.ClusterIP}, o.Spec.ClusterIPs...)
+		for i, s := range ips {
+			if s == "" || s == "None" {
+				continue
+			}
+			a, err := netip.ParseAddr(s)
+			if err != nil {
+				field := "spec.clusterIP"
+				if i > 0 {
+					field = fmt.Sprintf("spec.clusterIPs[%d]", i-1)
+				}
+				return fmt.Errorf("%s: service %s: %s: %q is not an IP address", src, name(), field, s)
+			}
+			if a = a.Unmap(); !containsAddr(svc.ClusterIPs, a) {
+				svc.ClusterIPs = append(svc.ClusterIPs, a)
+			}
+		}
+		for i, p := range o.Spec.Ports {
+			sp := ServicePort{Name: p.Name, Protocol: p.Protocol}
+			if sp.Protocol == "" {
+				sp.Protocol = "TCP"
+			}
+			if p.Port < 1 || p.Port > 65535 {
+				return fmt.Errorf("%s: service %s: spec.ports[%d].port: %d is not a port", src, name(), i, p.Port)
+			}
+			sp.Port = uint16(p.Port)
+			switch tp := p.TargetPort.(type) {
+			case nil:
+				sp.TargetPort = sp.Port
+			case float64:
+				if tp < 1 || tp > 65535 || tp != float64(int(tp)) {
+					return fmt.Errorf("%s: service %s: spec.ports[%d].targetPort: %v is not a port", src, name(), i, tp)
+				}
+				sp.TargetPort = uint16(tp)
+			case string:
+				sp.TargetName = tp
+			default:
+				return fmt.Errorf("%s: service %s: spec.ports[%d].targetPort: want a number or a name", src, name(), i)
+			}
+			svc.Ports = append(svc.Ports, sp)
+		}
+		st.Services = append(st.Services, svc)
+	}
+	return nil
+}
+
+func containsAddr(list []netip.Addr, a netip.Addr) bool {
+	for _, x := range list {
+		if x == a {
+			return true
+		}
+	}
+	return false
+}
