@@ -35,7 +35,7 @@ func (k Key) String() string { return fmt.Sprintf("%s->%s@%s", k.Src, k.Dst, k.A
 type Pool struct {
 	// TLSConfig returns the client configuration for a key: the source's certificate,
 	// the destination identity to expect (identity.ClientConfig). Required.
-	TLSConfig func(k Key) (*tls.Config, error)
+	TLSConfig func(ctx context.Context, k Key) (*tls.Config, error)
 	// Dial opens the TCP connection to k.Addr. Default a net.Dialer. The agent's dialer
 	// marks its sockets so the capture lets them through.
 	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
@@ -237,12 +237,12 @@ func (p *Pool) get(ctx context.Context, k Key) (*poolConn, error) {
 // dial opens a TLS connection for k. It is bounded by ConnectTimeout, not by the
 // caller's ctx: other callers may be waiting for the same connection.
 func (p *Pool) dial(ctx context.Context, k Key) (*poolConn, error) {
-	cfg, err := p.TLSConfig(k)
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), p.ConnectTimeout)
+	defer cancel()
+	cfg, err := p.TLSConfig(ctx, k)
 	if err != nil {
 		return nil, fmt.Errorf("hbone: tls config for %s: %w", k, err)
 	}
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), p.ConnectTimeout)
-	defer cancel()
 	raw, err := p.Dial(ctx, "tcp", k.Addr.String())
 	if err != nil {
 		return nil, fmt.Errorf("hbone: dial %s: %w", k, err)

@@ -61,7 +61,7 @@ func (m *mesh) serverConfig(id spiffeid.ID) *tls.Config {
 
 // pool returns a client pool whose connections present k.Src and expect k.Dst.
 func (m *mesh) pool(t testing.TB) *Pool {
-	p := &Pool{TLSConfig: func(k Key) (*tls.Config, error) {
+	p := &Pool{TLSConfig: func(_ context.Context, k Key) (*tls.Config, error) {
 		return identity.ClientConfig(m.certs[k.Src], k.Dst, m.bundle), nil
 	}}
 	t.Cleanup(func() { p.Close() })

@@ -203,7 +203,7 @@ func TestIdentitiesAreChecked(t *testing.T) {
 	t.Run("client presents a certificate of another mesh", func(t *testing.T) {
 		other := newMesh(t)
 		hb := startServer(t, m.serverConfig(reviews), nil)
-		p := &Pool{TLSConfig: func(k Key) (*tls.Config, error) {
+		p := &Pool{TLSConfig: func(_ context.Context, k Key) (*tls.Config, error) {
 			// The other mesh's frontend certificate, trusting our server's bundle.
 			return identity.ClientConfig(other.certs[frontend], reviews, m.bundle), nil
 		}}
