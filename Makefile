@@ -4,7 +4,7 @@ PKGS     ?= ./...
 BENCHTIME ?= 1s
 BIN      := bin
 
-.PHONY: all build generate test unit check fmt fmt-check vet bench fuzz clean help
+.PHONY: all build generate check-generate test unit check fmt fmt-check vet bench fuzz clean help
 
 all: build
 
@@ -17,7 +17,14 @@ build: ## build every binary into bin/
 generate: ## regenerate committed generated code (bpf2go, protoc)
 	$(GO) generate ./...
 
-test: check unit ## the README's test command: gofmt check, go vet, all tests
+check-generate: ## fail if the committed bpf2go output is not what bpf/capture.c compiles to (needs clang, llvm-strip, libbpf-dev)
+	$(GO) generate ./bpf/...
+	@if ! git diff --quiet -- 'bpf/*_bpfe[lb].go' 'bpf/*_bpfe[lb].o' || \
+		[ -n "$$(git ls-files --others --exclude-standard -- 'bpf/*_bpfe[lb].go' 'bpf/*_bpfe[lb].o')" ]; then \
+		echo "check-generate: committed bpf2go output is stale; run 'make generate' and commit:"; \
+		git status --short -- 'bpf/*_bpfe[lb].go' 'bpf/*_bpfe[lb].o'; exit 1; fi
+
+test: check check-generate unit ## the README's test command: gofmt check, go vet, generated code current, all tests
 
 unit: ## go test every package (privileged tests need root)
 	$(GO) test -count=1 -timeout 30m $(PKGS)
