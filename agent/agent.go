@@ -1,0 +1,317 @@
+package agent
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/veilmesh/veil/identity"
+	"github.com/veilmesh/veil/internal/cluster"
+	"github.com/veilmesh/veil/policy"
+	"github.com/veilmesh/veil/tunnel"
+)
+
+// Certs are the workload certificates the agent presents and the trust bundle it
+// checks peers against. *identity.Manager is the implementation.
+type Certs interface {
+	identity.CertSource
+	x509bundle.Source
+	Prefetch(ids ...spiffeid.ID) error
+	Forget(id spiffeid.ID)
+	States() []identity.CertState
+}
+
+// Options configure an Agent. Zero values mean the defaults.
+type Options struct {
+	// Node is the name of the node this agent serves. Required.
+	Node string
+	// TrustDomain of the mesh. Default cluster.local.
+	TrustDomain spiffeid.TrustDomain
+	// Policy are the mesh settings of the policy engine (root namespace, trust domain).
+	Policy policy.Options
+	// Certs issues and holds local workloads' certificates. Required.
+	Certs Certs
+	// Sockets creates listeners and dials. Default HostSockets{Mark: DefaultMark}.
+	Sockets Sockets
+	// Addresses of the three listeners. Defaults "[::]:15001", "[::]:15006", "[::]:15008".
+	OutboundAddr, PlaintextAddr, HBONEAddr string
+	// HBONEPort is the port dialled on remote workloads. Default 15008.
+	HBONEPort uint16
+	// Registry receives the metrics. Default a new registry (see Agent.Registry).
+	Registry *prometheus.Registry
+	Log      *slog.Logger
+}
+
+// Agent is the node agent's proxy: outbound (15001), inbound plaintext (15006) and
+// inbound HBONE (15008), enforcing PeerAuthentication and L4 AuthorizationPolicy for the
+// node's enrolled pods. Create it with New, feed it with Update and ApplyPolicies,
+// Start it, and Close it. Safe for concurrent use.
+type Agent struct {
+	opts    Options
+	log     *slog.Logger
+	view    atomic.Pointer[view]
+	store   policy.Store
+	pool    *tunnel.Pool
+	hbone   *tunnel.Server
+	tracker tracker
+	metrics *metrics
+	// streams maps each admitted HBONE *tunnel.Request to its *inbound until Done.
+	streams sync.Map
+
+	// updateMu serialises Update and ApplyPolicies and guards policyWorkloads.
+	updateMu        sync.Mutex
+	policyWorkloads map[policy.WorkloadKey]bool
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	mu        sync.Mutex // guards listeners
+	listeners []net.Listener
+}
+
+// New returns an Agent with an empty view: until Update, every captured connection is
+// refused.
+func New(opts Options) (*Agent, error) {
+	if opts.Node == "" {
+		return nil, errors.New("agent: Options.Node is required")
+	}
+	if opts.Certs == nil {
+		return nil, errors.New("agent: Options.Certs is required")
+	}
+	if opts.TrustDomain.IsZero() {
+		opts.TrustDomain = spiffeid.RequireTrustDomainFromString(identity.DefaultTrustDomain)
+	}
+	if opts.Policy.TrustDomain == "" {
+		opts.Policy.TrustDomain = opts.TrustDomain.String()
+	}
+	if opts.Sockets == nil {
+		opts.Sockets = HostSockets{Mark: DefaultMark}
+	}
+	if opts.OutboundAddr == "" {
+		opts.OutboundAddr = "[::]:15001"
+	}
+	if opts.PlaintextAddr == "" {
+		opts.PlaintextAddr = "[::]:15006"
+	}
+	if opts.HBONEAddr == "" {
+		opts.HBONEAddr = "[::]:15008"
+	}
+	if opts.HBONEPort == 0 {
+		opts.HBONEPort = 15008
+	}
+	if opts.Registry == nil {
+		opts.Registry = prometheus.NewRegistry()
+	}
+	if opts.Log == nil {
+		opts.Log = slog.Default()
+	}
+	a := &Agent{opts: opts, log: opts.Log, metrics: newMetrics(opts.Registry), policyWorkloads: map[policy.WorkloadKey]bool{}}
+	a.store.Options = opts.Policy
+	a.ctx, a.cancel = context.WithCancel(context.Background())
+	a.view.Store(newView(&cluster.State{Namespaces: map[string]*cluster.Namespace{}}, opts.Node, opts.TrustDomain))
+	a.pool = &tunnel.Pool{
+		TLSConfig: a.clientTLS,
+		Dial: func(ctx context.Context, _, addr string) (net.Conn, error) {
+			ap, err := netip.ParseAddrPort(addr)
+			if err != nil {
+				return nil, err
+			}
+			return a.opts.Sockets.Dial(ctx, netip.AddrPort{}, ap)
+		},
+	}
+	a.hbone = &tunnel.Server{
+		TLSConfig: identity.ServerConfig(a.localIdentity, opts.Certs, opts.Certs),
+		Handler:   tunnel.HandlerFunc(a.connectInbound),
+		Done:      a.inboundDone,
+		Log:       opts.Log,
+	}
+	return a, nil
+}
+
+// Registry is where the agent's metrics are registered.
+func (a *Agent) Registry() *prometheus.Registry { return a.opts.Registry }
+
+// Update replaces the agent's view of the cluster: pods, namespaces, services. It
+// prefetches certificates of the node's enrolled pods, and re-checks open connections.
+func (a *Agent) Update(st *cluster.State) {
+	a.updateMu.Lock()
+	defer a.updateMu.Unlock()
+	v := newView(st, a.opts.Node, a.opts.TrustDomain)
+	ws := policyWorkloads(st)
+	seen := map[policy.WorkloadKey]bool{}
+	for _, w := range ws {
+		seen[policy.WorkloadKey{Namespace: w.Namespace, Name: w.Name}] = true
+	}
+	var gone []policy.WorkloadKey
+	for k := range a.policyWorkloads {
+		if !seen[k] {
+			gone = append(gone, k)
+		}
+	}
+	a.policyWorkloads = seen
+	if len(gone) > 0 {
+		a.store.DeleteWorkloads(gone...)
+	}
+	a.store.SetWorkloads(ws...)
+	old := a.view.Swap(v)
+	ids := map[spiffeid.ID]bool{}
+	for _, w := range v.local {
+		ids[w.id] = true
+	}
+	for id := range ids {
+		if err := a.opts.Certs.Prefetch(id); err != nil {
+			a.log.Warn("certificate prefetch failed", "identity", id.String(), "err", err)
+		}
+	}
+	for _, w := range old.local {
+		if !ids[w.id] {
+			a.opts.Certs.Forget(w.id)
+		}
+	}
+	a.recheck()
+}
+
+// ApplyPolicies adds or replaces policies and removes those named in deleted. An invalid
+// object is rejected alone and the last good version stays in force; the errors are
+// returned. Open connections that the new policies deny are closed.
+func (a *Agent) ApplyPolicies(objs []*policy.Object, deleted []policy.Key) error {
+	a.updateMu.Lock()
+	defer a.updateMu.Unlock()
+	var err error
+	if len(objs) > 0 {
+		var warnings []string
+		warnings, err = a.store.Apply(objs...)
+		for _, w := range warnings {
+			a.log.Warn("policy warning", "warning", w)
+		}
+	}
+	if len(deleted) > 0 {
+		a.store.Delete(deleted...)
+	}
+	a.recheck()
+	return err
+}
+
+// Policies returns the policy snapshot in force.
+func (a *Agent) Policies() *policy.Snapshot { return a.store.Snapshot() }
+
+// recheck closes open inbound connections the current policy denies.
+func (a *Agent) recheck() {
+	denied, why := a.tracker.recheck(a.store.Snapshot())
+	for i, tr := range denied {
+		a.log.Info("connection closed: policy now denies it", "conn", tr.desc, "decision", why[i].String())
+		tr.close()
+	}
+}
+
+// Start opens the three listeners and serves them in the background until Close.
+func (a *Agent) Start() error {
+	type srv struct {
+		addr  string
+		serve func(net.Listener)
+	}
+	for _, s := range []srv{
+		{a.opts.OutboundAddr, func(l net.Listener) { a.acceptLoop(l, a.Outbound) }},
+		{a.opts.PlaintextAddr, func(l net.Listener) { a.acceptLoop(l, a.Plaintext) }},
+		{a.opts.HBONEAddr, func(l net.Listener) { a.hbone.Serve(l) }},
+	} {
+		l, err := a.opts.Sockets.Listen(a.ctx, s.addr)
+		if err != nil {
+			return errors.Join(fmt.Errorf("agent: listen %s: %w", s.addr, err), a.Close())
+		}
+		a.mu.Lock()
+		a.listeners = append(a.listeners, l)
+		a.mu.Unlock()
+		a.wg.Add(1)
+		go func() { defer a.wg.Done(); s.serve(l) }()
+	}
+	return nil
+}
+
+// Addrs returns the listeners' addresses (outbound, plaintext, HBONE) once started.
+func (a *Agent) Addrs() []net.Addr {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	var out []net.Addr
+	for _, l := range a.listeners {
+		out = append(out, l.Addr())
+	}
+	return out
+}
+
+// Close stops the listeners, ends every proxied connection and waits for them.
+func (a *Agent) Close() error {
+	a.cancel()
+	a.mu.Lock()
+	for _, l := range a.listeners {
+		l.Close()
+	}
+	a.mu.Unlock()
+	a.hbone.Close()
+	a.pool.Close()
+	a.wg.Wait()
+	return nil
+}
+
+// acceptLoop hands each accepted connection, with its original destination (the
+// accepted socket's local address, which the capture preserved), to handle.
+func (a *Agent) acceptLoop(l net.Listener, handle func(context.Context, net.Conn, netip.AddrPort)) {
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			if a.ctx.Err() == nil {
+				a.log.Error("accept failed", "addr", l.Addr().String(), "err", err)
+			}
+			return
+		}
+		a.wg.Add(1)
+		go func() {
+			defer a.wg.Done()
+			handle(a.ctx, c, addrPort(c.LocalAddr()))
+		}()
+	}
+}
+
+// localIdentity names the local enrolled workload that owns a dialled address, for the
+// HBONE server's certificate choice.
+func (a *Agent) localIdentity(local net.Addr) (spiffeid.ID, bool) {
+	if w := a.view.Load().localEnrolled(addrPort(local).Addr()); w != nil {
+		return w.id, true
+	}
+	return spiffeid.ID{}, false
+}
+
+// clientTLS presents the source workload's certificate and expects the destination's.
+func (a *Agent) clientTLS(ctx context.Context, k tunnel.Key) (*tls.Config, error) {
+	c, err := a.opts.Certs.Get(ctx, k.Src)
+	if err != nil {
+		return nil, err
+	}
+	return identity.ClientConfig(c, k.Dst, a.opts.Certs), nil
+}
+
+func addrPort(a net.Addr) netip.AddrPort {
+	if ta, ok := a.(*net.TCPAddr); ok {
+		ap := ta.AddrPort()
+		return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+	}
+	return netip.AddrPort{}
+}
+
+// reset aborts a TCP connection with RST rather than FIN, so the client sees a refusal.
+func reset(c net.Conn) {
+	if tc, ok := c.(*net.TCPConn); ok {
+		tc.SetLinger(0)
+	}
+	c.Close()
+}

@@ -1,0 +1,114 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/veilmesh/veil/policy"
+	"github.com/veilmesh/veil/tunnel"
+)
+
+var errDenied = errors.New("denied by policy")
+
+func peerOf(id spiffeid.ID) policy.Peer { return policy.ParsePeer(id.String()) }
+
+func flagFor(err error) string {
+	if errors.Is(err, errDenied) {
+		return flagDenied
+	}
+	return flagUnreachable
+}
+
+// admit decides an inbound connection to the local workload dst with the destination's
+// PeerAuthentication and AuthorizationPolicy, logs and counts a denial, and on allow
+// dials the application from the original source address and tracks the connection for
+// policy changes. remove untracks it; the caller calls it when the connection ends.
+func (a *Agent) admit(ctx context.Context, f flow, peer policy.Peer, dst *workload, src, target netip.AddrPort) (up net.Conn, remove func(), err error) {
+	pc := policy.Conn{Peer: peer, SrcIP: src.Addr(), DstIP: target.Addr(), DstPort: target.Port()}
+	d := a.store.Snapshot().EvaluateL4(&pc)
+	if !d.Allowed() {
+		pol := ""
+		if d.Policy != nil {
+			pol = d.Policy.Namespace + "/" + d.Policy.Name
+		}
+		a.log.Info("connection denied", "src", src.String(), "src_principal", peer.URI, "dst", target.String(), "dst_workload", dst.String(), "policy", pol, "decision", d.String())
+		a.metrics.fail(f, flagDenied)
+		a.metrics.denied.WithLabelValues(f.labels["reporter"], dst.pod.Namespace, pol).Inc()
+		return nil, nil, fmt.Errorf("%w: %s", errDenied, d.String())
+	}
+	up, err = a.opts.Sockets.Dial(ctx, src, target)
+	if err != nil {
+		a.log.Info("inbound: application unreachable", "src", src.String(), "dst", target.String(), "dst_workload", dst.String(), "err", err)
+		a.metrics.fail(f, flagUnreachable)
+		return nil, nil, err
+	}
+	remove = a.tracker.add(&tracked{conn: pc, desc: src.String() + "->" + target.String() + " (" + dst.String() + ")", close: func() { up.Close() }})
+	return up, remove, nil
+}
+
+// inbound is the state of an HBONE stream between Connect and Done.
+type inbound struct {
+	flow   flow
+	remove func()
+}
+
+// connectInbound decides an HBONE stream to a local workload (the tunnel.Handler).
+func (a *Agent) connectInbound(ctx context.Context, r *tunnel.Request) (net.Conn, error) {
+	v := a.view.Load()
+	dst := v.localEnrolled(r.Destination.Addr())
+	if dst == nil {
+		return nil, tunnel.Unreachable(fmt.Errorf("%s is not an enrolled pod of node %s", r.Destination.Addr(), a.opts.Node))
+	}
+	f := newFlow("destination", v.byIP[r.Source.Addr()], dst, r.Peer.String(), dst.id.String(), true)
+	up, remove, err := a.admit(ctx, f, peerOf(r.Peer), dst, r.Source, r.Destination)
+	if errors.Is(err, errDenied) {
+		return nil, tunnel.Denied(err)
+	}
+	if err != nil {
+		return nil, tunnel.Unreachable(err)
+	}
+	a.metrics.open(f)
+	a.streams.Store(r, &inbound{flow: f, remove: remove})
+	return up, nil
+}
+
+// inboundDone records the end of an HBONE stream that Connect admitted.
+func (a *Agent) inboundDone(r *tunnel.Request, c tunnel.Counts, _ error) {
+	v, ok := a.streams.LoadAndDelete(r)
+	if !ok {
+		return // refused in Connect
+	}
+	in := v.(*inbound)
+	in.remove()
+	// Join's A is the application, B the tunnel: BToA flowed toward the destination.
+	a.metrics.close(in.flow, c.BToA, c.AToB)
+}
+
+// Plaintext proxies a connection captured on its way to an enrolled pod of this node
+// that did not come through HBONE: from outside the mesh. The pod's effective
+// PeerAuthentication decides first (STRICT resets it), then AuthorizationPolicy with no
+// peer identity. It blocks until the connection ends and closes c.
+func (a *Agent) Plaintext(ctx context.Context, c net.Conn, orig netip.AddrPort) {
+	v := a.view.Load()
+	srcAddr := addrPort(c.RemoteAddr())
+	dst := v.localEnrolled(orig.Addr())
+	if dst == nil {
+		a.log.Warn("plaintext: refused: destination is not an enrolled pod of this node", "src", srcAddr.String(), "dst", orig.String())
+		reset(c)
+		return
+	}
+	f := newFlow("destination", v.byIP[srcAddr.Addr()], dst, "", dst.id.String(), false)
+	up, remove, err := a.admit(ctx, f, policy.Peer{}, dst, srcAddr, orig)
+	if err != nil {
+		reset(c)
+		return
+	}
+	a.metrics.open(f)
+	counts, _ := tunnel.Join(c, up)
+	remove()
+	a.metrics.close(f, counts.AToB, counts.BToA)
+}

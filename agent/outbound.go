@@ -1,0 +1,138 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"net"
+	"net/http"
+	"net/netip"
+
+	"github.com/veilmesh/veil/tunnel"
+)
+
+// Outbound proxies a connection captured from an enrolled pod of this node; orig is the
+// destination the pod dialled. An enrolled destination is reached over HBONE with the
+// source pod's certificate (on this node: through the same policy check, without
+// TLS); any other destination gets plain TCP passthrough; a Service VIP is first
+// load-balanced to a ready endpoint. It blocks until the connection ends and closes c.
+func (a *Agent) Outbound(ctx context.Context, c net.Conn, orig netip.AddrPort) {
+	v := a.view.Load()
+	srcAddr := addrPort(c.RemoteAddr())
+	src := v.localEnrolled(srcAddr.Addr())
+	if src == nil {
+		// The capture hands over only enrolled pods' connections; anything else is a
+		// misconfiguration, and is refused rather than forwarded unauthenticated.
+		a.log.Warn("outbound: refused: source is not an enrolled pod of this node", "src", srcAddr.String(), "dst", orig.String())
+		a.metrics.fail(newFlow("source", nil, nil, "", "", false), flagNoRoute)
+		reset(c)
+		return
+	}
+	target := orig
+	if svc := v.vips[orig.Addr()]; svc != nil {
+		ep, ok := svc.pick(orig)
+		if !ok {
+			a.log.Info("outbound: refused: service has no ready endpoint for the port", "src", srcAddr.String(), "service", svc.svc.Namespace+"/"+svc.svc.Name, "dst", orig.String())
+			a.metrics.fail(newFlow("source", src, nil, src.id.String(), "", false), flagNoRoute)
+			reset(c)
+			return
+		}
+		target = ep
+	}
+	dst := v.byIP[target.Addr()]
+	switch {
+	case dst != nil && dst.enrolled && dst.local:
+		a.sameNode(ctx, c, src, dst, srcAddr, target)
+	case dst != nil && dst.enrolled:
+		a.viaHBONE(ctx, c, src, dst, srcAddr, target)
+	default:
+		a.passthrough(ctx, c, src, dst, srcAddr, target)
+	}
+}
+
+// pick chooses a ready endpoint for a connection to a Service port, round robin, in the
+// address family of the VIP, and maps the port to the pod's target port.
+func (s *service) pick(vip netip.AddrPort) (netip.AddrPort, bool) {
+	var sp *int
+	for i := range s.svc.Ports {
+		if s.svc.Ports[i].Port == vip.Port() && s.svc.Ports[i].Protocol == "TCP" {
+			sp = &i
+			break
+		}
+	}
+	if sp == nil || len(s.endpoints) == 0 {
+		return netip.AddrPort{}, false
+	}
+	start := int(s.next.Add(1))
+	for i := range len(s.endpoints) {
+		w := s.endpoints[(start+i)%len(s.endpoints)]
+		port, ok := s.svc.Ports[*sp].TargetPortOn(w.pod)
+		if !ok {
+			continue
+		}
+		for _, ip := range w.pod.IPs {
+			if ip.Is4() == vip.Addr().Is4() {
+				return netip.AddrPortFrom(ip, port), true
+			}
+		}
+	}
+	return netip.AddrPort{}, false
+}
+
+func (a *Agent) viaHBONE(ctx context.Context, c net.Conn, src, dst *workload, srcAddr, target netip.AddrPort) {
+	f := newFlow("source", src, dst, src.id.String(), dst.id.String(), true)
+	key := tunnel.Key{Src: src.id, Dst: dst.id, Addr: netip.AddrPortFrom(target.Addr(), a.opts.HBONEPort)}
+	s, err := a.pool.Connect(ctx, key, target, srcAddr)
+	if err != nil {
+		var se *tunnel.StatusError
+		if errors.As(err, &se) && se.Code == http.StatusUnauthorized {
+			a.log.Info("outbound: denied by the destination's policy", "src", srcAddr.String(), "src_workload", src.String(), "dst", target.String(), "dst_workload", dst.String())
+			a.metrics.fail(f, flagDenied)
+		} else {
+			a.log.Warn("outbound: HBONE connect failed", "src", srcAddr.String(), "dst", target.String(), "dst_workload", dst.String(), "err", err)
+			a.metrics.fail(f, flagUnreachable)
+		}
+		reset(c)
+		return
+	}
+	a.metrics.open(f)
+	counts, err := tunnel.Join(c, s)
+	a.metrics.close(f, counts.AToB, counts.BToA)
+	if err != nil {
+		a.log.Debug("outbound: connection ended with an error", "src", srcAddr.String(), "dst", target.String(), "err", err)
+	}
+}
+
+func (a *Agent) passthrough(ctx context.Context, c net.Conn, src, dst *workload, srcAddr, target netip.AddrPort) {
+	f := newFlow("source", src, dst, src.id.String(), "", false)
+	up, err := a.opts.Sockets.Dial(ctx, srcAddr, target)
+	if err != nil {
+		a.log.Info("outbound: passthrough dial failed", "src", srcAddr.String(), "dst", target.String(), "err", err)
+		a.metrics.fail(f, flagUnreachable)
+		reset(c)
+		return
+	}
+	a.metrics.open(f)
+	counts, _ := tunnel.Join(c, up)
+	a.metrics.close(f, counts.AToB, counts.BToA)
+}
+
+// sameNode serves an enrolled destination on this node without a network round trip:
+// the source's identity is known (its connection came from its own veth), so the
+// destination's policy is checked exactly as on the HBONE path, then the application is
+// dialled from the source's address.
+func (a *Agent) sameNode(ctx context.Context, c net.Conn, src, dst *workload, srcAddr, target netip.AddrPort) {
+	fs := newFlow("source", src, dst, src.id.String(), dst.id.String(), true)
+	fd := newFlow("destination", src, dst, src.id.String(), dst.id.String(), true)
+	up, remove, err := a.admit(ctx, fd, peerOf(src.id), dst, srcAddr, target)
+	if err != nil {
+		a.metrics.fail(fs, flagFor(err))
+		reset(c)
+		return
+	}
+	a.metrics.open(fs)
+	a.metrics.open(fd)
+	counts, _ := tunnel.Join(c, up)
+	remove()
+	a.metrics.close(fs, counts.AToB, counts.BToA)
+	a.metrics.close(fd, counts.AToB, counts.BToA)
+}

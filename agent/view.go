@@ -1,0 +1,95 @@
+package agent
+
+import (
+	"net/netip"
+	"sync/atomic"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/veilmesh/veil/identity"
+	"github.com/veilmesh/veil/internal/cluster"
+	"github.com/veilmesh/veil/policy"
+)
+
+// workload is a pod as the data path needs it.
+type workload struct {
+	pod      *cluster.Pod
+	id       spiffeid.ID
+	enrolled bool
+	local    bool // scheduled on this node
+}
+
+func (w *workload) String() string { return w.pod.Namespace + "/" + w.pod.Name }
+
+// service is a Service VIP with its endpoints.
+type service struct {
+	svc       *cluster.Service
+	endpoints []*workload
+	next      atomic.Uint32 // round robin over endpoints
+}
+
+// view is the agent's immutable picture of the cluster, swapped whole on every change.
+type view struct {
+	state *cluster.State
+	byIP  map[netip.Addr]*workload
+	vips  map[netip.Addr]*service
+	local []*workload // enrolled pods on this node
+}
+
+func newView(st *cluster.State, node string, td spiffeid.TrustDomain) *view {
+	v := &view{state: st, byIP: map[netip.Addr]*workload{}, vips: map[netip.Addr]*service{}}
+	for _, p := range st.Pods {
+		if p.HostNetwork || len(p.IPs) == 0 {
+			continue
+		}
+		id, err := identity.NewID(td, p.Namespace, p.ServiceAccount)
+		if err != nil {
+			continue // a name that cannot be an identity cannot be in the mesh
+		}
+		w := &workload{pod: p, id: id, enrolled: st.Enrolled(p), local: p.Node == node}
+		for _, ip := range p.IPs {
+			v.byIP[ip] = w
+		}
+		if w.local && w.enrolled {
+			v.local = append(v.local, w)
+		}
+	}
+	for _, s := range st.Services {
+		sv := &service{svc: s}
+		for _, p := range st.Endpoints(s) {
+			if w := v.byIP[p.IPs[0]]; w != nil {
+				sv.endpoints = append(sv.endpoints, w)
+			}
+		}
+		for _, ip := range s.ClusterIPs {
+			v.vips[ip] = sv
+		}
+	}
+	return v
+}
+
+// policyWorkloads converts the cluster's pods into the policy engine's workloads.
+func policyWorkloads(st *cluster.State) []*policy.Workload {
+	out := make([]*policy.Workload, 0, len(st.Pods))
+	for _, p := range st.Pods {
+		if p.HostNetwork {
+			continue
+		}
+		out = append(out, &policy.Workload{
+			Namespace:      p.Namespace,
+			Name:           p.Name,
+			Labels:         p.Labels,
+			ServiceAccount: p.ServiceAccount,
+			IPs:            p.IPs,
+			Source:         p.Source,
+		})
+	}
+	return out
+}
+
+// localEnrolled returns the enrolled pod of this node that owns ip, or nil.
+func (v *view) localEnrolled(ip netip.Addr) *workload {
+	if w := v.byIP[ip.Unmap()]; w != nil && w.local && w.enrolled {
+		return w
+	}
+	return nil
+}
