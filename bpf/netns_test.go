@@ -339,3 +339,43 @@ func (a *testAgent) stop() {
 		l.Close()
 	}
 }
+
+type counting struct {
+	mu sync.Mutex
+	n  int
+}
+
+func (c *counting) count() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.n
+}
+
+// countingServer answers like serve and counts the connections it accepted.
+func countingServer(t testing.TB, n *testNS, addr string) *counting {
+	t.Helper()
+	cnt := &counting{}
+	var l net.Listener
+	n.do(t, func() (err error) {
+		lc := net.ListenConfig{}
+		lc.SetMultipathTCP(false)
+		l, err = lc.Listen(context.Background(), "tcp", addr)
+		return err
+	})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			cnt.mu.Lock()
+			cnt.n++
+			cnt.mu.Unlock()
+			answer(c, "server")
+		}
+	}()
+	t.Cleanup(func() { l.Close(); <-done })
+	return cnt
+}

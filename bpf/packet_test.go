@@ -110,15 +110,15 @@ func ipv6Pkt(src, dst netip.Addr, proto byte, exts []extHdr, payload []byte) []b
 // skBuff mirrors struct __sk_buff (linux/bpf.h) for the test run's context in and out.
 type skBuff struct {
 	Len, PktType, Mark, QueueMapping, Protocol, VlanPresent, VlanTCI, VlanProto uint32
-	Priority, IngressIfindex, Ifindex, TCIndex                                 uint32
-	CB                                                                         [5]uint32
-	Hash, TCClassid, Data, DataEnd, NapiID, Family, RemoteIP4, LocalIP4        uint32
-	RemoteIP6, LocalIP6                                                        [4]uint32
-	RemotePort, LocalPort, DataMeta                                            uint32
-	FlowKeys, Tstamp                                                           uint64
-	WireLen, GSOSegs                                                           uint32
-	Sk                                                                         uint64
-	GSOSize                                                                    uint32
-	TstampType                                                                 uint32
-	Hwtstamp                                                                   uint64
+	Priority, IngressIfindex, Ifindex, TCIndex                                  uint32
+	CB                                                                          [5]uint32
+	Hash, TCClassid, Data, DataEnd, NapiID, Family, RemoteIP4, LocalIP4         uint32
+	RemoteIP6, LocalIP6                                                         [4]uint32
+	RemotePort, LocalPort, DataMeta                                             uint32
+	FlowKeys, Tstamp                                                            uint64
+	WireLen, GSOSegs                                                            uint32
+	Sk                                                                          uint64
+	GSOSize                                                                     uint32
+	TstampType                                                                  uint32
+	Hwtstamp                                                                    uint64
 }
