@@ -39,6 +39,10 @@ func (s *DirSource) Load() error {
 	if log == nil {
 		log = slog.Default()
 	}
+	// The digest is taken before reading, so a change during the read is seen next time.
+	if d, err := dirDigest(s.Dir); err == nil {
+		s.digest = d
+	}
 	st, clusterErrs, err := cluster.LoadDir(s.Dir)
 	if err != nil {
 		return err
@@ -89,19 +93,13 @@ func (s *DirSource) Load() error {
 	return errors.Join(errs...)
 }
 
-// Run loads the directory, then reloads it whenever its files change, until ctx ends.
-// It blocks; it returns an error only when the directory cannot be read at first.
+// Run reloads the directory whenever its files change, until ctx ends; call Load once
+// before. It blocks. Errors of a reload are logged, and what was valid is applied.
 func (s *DirSource) Run(ctx context.Context) error {
 	interval := s.Interval
 	if interval <= 0 {
 		interval = 500 * time.Millisecond
 	}
-	d, err := dirDigest(s.Dir)
-	if err != nil {
-		return fmt.Errorf("agent: config dir: %w", err)
-	}
-	s.digest = d
-	_ = s.Load()
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {

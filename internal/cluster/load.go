@@ -2,6 +2,7 @@ package cluster
 
 import (
 	"bytes"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -57,7 +58,15 @@ type object struct {
 			Status string `json:"status"`
 		} `json:"conditions"`
 	} `json:"status"`
-	Items []object `json:"items"`
+}
+
+// header is what every document is read as first: only core/v1 objects are decoded
+// further, so other kinds (Istio policies, Deployments) never fail on fields that
+// mean something else to them.
+type header struct {
+	APIVersion string            `json:"apiVersion"`
+	Kind       string            `json:"kind"`
+	Items      []json.RawMessage `json:"items"`
 }
 
 // LoadDir reads Namespaces, Pods and Services from every *.yaml, *.yml and *.json file
@@ -102,8 +111,8 @@ func (st *State) add(file string, data []byte) []error {
 	var errs []error
 	dec := k8syaml.NewYAMLOrJSONDecoder(bytes.NewReader(data), 4096)
 	for doc := 1; ; doc++ {
-		var o object
-		err := dec.Decode(&o)
+		var raw json.RawMessage
+		err := dec.Decode(&raw)
 		if errors.Is(err, io.EOF) {
 			return errs
 		}
@@ -112,12 +121,41 @@ func (st *State) add(file string, data []byte) []error {
 			// The decoder cannot resynchronise after a syntax error: the rest of the file is lost.
 			return append(errs, fmt.Errorf("%s: %w", src, err))
 		}
-		for _, item := range append([]object{o}, o.Items...) {
-			if err := st.addObject(src, &item); err != nil {
-				errs = append(errs, err)
-			}
+		if err := st.addDocument(src, raw); err != nil {
+			errs = append(errs, err...)
 		}
 	}
+}
+
+func (st *State) addDocument(src string, raw json.RawMessage) []error {
+	var h header
+	if len(raw) == 0 || string(raw) == "null" {
+		return nil
+	}
+	if err := json.Unmarshal(raw, &h); err != nil {
+		return []error{fmt.Errorf("%s: %w", src, err)}
+	}
+	if h.APIVersion != "v1" {
+		return nil
+	}
+	if h.Kind == "List" {
+		var errs []error
+		for _, item := range h.Items {
+			errs = append(errs, st.addDocument(src, item)...)
+		}
+		return errs
+	}
+	if h.Kind != "Namespace" && h.Kind != "Pod" && h.Kind != "Service" {
+		return nil
+	}
+	var o object
+	if err := json.Unmarshal(raw, &o); err != nil {
+		return []error{fmt.Errorf("%s: %s: %w", src, h.Kind, err)}
+	}
+	if err := st.addObject(src, &o); err != nil {
+		return []error{err}
+	}
+	return nil
 }
 
 func (st *State) addObject(src string, o *object) error {

@@ -1,0 +1,180 @@
+// Command veil-agent is veil's node agent: it proxies the node's enrolled pods'
+// connections over HBONE with mutual TLS, enforces PeerAuthentication and L4
+// AuthorizationPolicy, and exports Istio's TCP metrics.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/veilmesh/veil/agent"
+	"github.com/veilmesh/veil/identity"
+	"github.com/veilmesh/veil/policy"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, os.Args[1:], os.Stdout, os.Stderr); err != nil {
+		fmt.Fprintln(os.Stderr, "veil-agent:", err)
+		os.Exit(1)
+	}
+}
+
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("veil-agent", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	hostname, _ := os.Hostname()
+	if n := os.Getenv("NODE_NAME"); n != "" {
+		hostname = n
+	}
+	var (
+		node          = fs.String("node", hostname, "name of this node, as in the pods' spec.nodeName (default $NODE_NAME, else the hostname)")
+		configDir     = fs.String("config-dir", "", "directory of Kubernetes YAML (Namespaces, Pods, Services, security.istio.io policies), re-read on change (required)")
+		caAddr        = fs.String("ca-addr", "", "address of the CA (veil-controller, or istiod), host:port (required)")
+		caServerName  = fs.String("ca-server-name", "veil-controller", "name in the CA's TLS certificate")
+		caRoot        = fs.String("ca-root", "", "PEM file of the roots that sign the CA's TLS certificate, e.g. the controller's root-cert.pem (required)")
+		tokenFile     = fs.String("token-file", "", "file holding this node's bootstrap token (required)")
+		trustDomain   = fs.String("trust-domain", identity.DefaultTrustDomain, "trust domain of the mesh")
+		rootNamespace = fs.String("root-namespace", policy.DefaultRootNamespace, "Istio root namespace: its selector-less policies apply mesh-wide")
+		certTTL       = fs.Duration("cert-ttl", identity.DefaultMaxTTL, "lifetime asked of the CA for workload certificates")
+		outboundAddr  = fs.String("outbound-addr", "[::]:15001", "listener for connections captured from enrolled pods")
+		plaintextAddr = fs.String("plaintext-addr", "[::]:15006", "listener for plaintext connections captured on their way to enrolled pods")
+		hboneAddr     = fs.String("hbone-addr", "[::]:15008", "HBONE listener")
+		metricsAddr   = fs.String("metrics-addr", ":15020", "Prometheus metrics (/metrics); empty disables")
+		readyAddr     = fs.String("ready-addr", ":15021", "readiness (/healthz/ready); empty disables")
+		adminAddr     = fs.String("admin-addr", "localhost:15000", "admin endpoints (/certs, /config_dump, /debug/pprof); keep it on localhost; empty disables")
+		mark          = fs.Int("mark", agent.DefaultMark, "SO_MARK of the agent's sockets; the capture lets packets with it through")
+		logLevel      = fs.String("log-level", "info", "debug, info, warn or error")
+	)
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected arguments %q", fs.Args())
+	}
+	var missing []string
+	for name, v := range map[string]string{"--config-dir": *configDir, "--ca-addr": *caAddr, "--ca-root": *caRoot, "--token-file": *tokenFile, "--node": *node} {
+		if v == "" {
+			missing = append(missing, name)
+		}
+	}
+	if len(missing) > 0 {
+		return fmt.Errorf("required: %s", strings.Join(missing, ", "))
+	}
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
+		return fmt.Errorf("--log-level: %w", err)
+	}
+	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level})).With("node", *node)
+	td, err := spiffeid.TrustDomainFromString(*trustDomain)
+	if err != nil {
+		return fmt.Errorf("--trust-domain %q: %w", *trustDomain, err)
+	}
+	rootPEM, err := os.ReadFile(*caRoot)
+	if err != nil {
+		return fmt.Errorf("--ca-root: %w", err)
+	}
+	roots, err := identity.ParseCertificates(rootPEM)
+	if err != nil || len(roots) == 0 {
+		return fmt.Errorf("--ca-root %s: no PEM certificates: %v", *caRoot, err)
+	}
+	tok, err := os.ReadFile(*tokenFile)
+	if err != nil {
+		return fmt.Errorf("--token-file: %w", err)
+	}
+	conn, err := identity.DialCA(*caAddr, *caServerName, roots, strings.TrimSpace(string(tok)))
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	certs, err := identity.NewManager(identity.ManagerOptions{Issuer: identity.NewClient(conn), TTL: *certTTL, Log: log})
+	if err != nil {
+		return err
+	}
+	defer certs.Close()
+
+	a, err := agent.New(agent.Options{
+		Node:          *node,
+		TrustDomain:   td,
+		Policy:        policy.Options{RootNamespace: *rootNamespace, TrustDomain: td.String()},
+		Certs:         certs,
+		Sockets:       agent.HostSockets{Mark: *mark},
+		OutboundAddr:  *outboundAddr,
+		PlaintextAddr: *plaintextAddr,
+		HBONEAddr:     *hboneAddr,
+		Log:           log,
+	})
+	if err != nil {
+		return err
+	}
+	src := &agent.DirSource{Dir: *configDir, Agent: a, Log: log}
+	if err := src.Load(); err != nil {
+		log.Warn("config has errors; serving what is valid", "err", err)
+	}
+	if err := a.Start(); err != nil {
+		return err
+	}
+	defer a.Close()
+
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var ready atomic.Bool
+	serve := func(name, addr string, h http.Handler) error {
+		if addr == "" {
+			return nil
+		}
+		l, err := net.Listen("tcp", addr)
+		if err != nil {
+			return fmt.Errorf("--%s %s: %w", name, addr, err)
+		}
+		srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
+		wg.Add(2)
+		go func() { defer wg.Done(); _ = srv.Serve(l) }()
+		go func() { defer wg.Done(); <-ctx.Done(); srv.Close() }()
+		fmt.Fprintf(stdout, "veil-agent: %s on %s\n", name, l.Addr())
+		return nil
+	}
+	metrics := http.NewServeMux()
+	metrics.Handle("/metrics", a.MetricsHandler())
+	readyMux := http.NewServeMux()
+	readyMux.HandleFunc("/healthz/ready", func(w http.ResponseWriter, r *http.Request) {
+		if !ready.Load() {
+			http.Error(w, "not ready", http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintln(w, "ready")
+	})
+	if err := errors.Join(
+		serve("metrics-addr", *metricsAddr, metrics),
+		serve("ready-addr", *readyAddr, readyMux),
+		serve("admin-addr", *adminAddr, a.AdminHandler()),
+	); err != nil {
+		return err
+	}
+	for _, l := range a.Addrs() {
+		fmt.Fprintf(stdout, "veil-agent: proxy listening on %s\n", l)
+	}
+	ready.Store(true)
+	wg.Add(1)
+	go func() { defer wg.Done(); _ = src.Run(ctx) }()
+	<-ctx.Done()
+	ready.Store(false)
+	return nil
+}

@@ -1,0 +1,136 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/veilmesh/veil/controller"
+	"github.com/veilmesh/veil/identity"
+	"github.com/veilmesh/veil/internal/cluster"
+)
+
+const pods = `
+apiVersion: v1
+kind: Namespace
+metadata: {name: bookinfo, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: reviews, namespace: bookinfo}
+spec: {serviceAccountName: reviews, nodeName: node-1}
+status: {podIP: 10.77.2.10}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: ratings, namespace: bookinfo}
+spec: {serviceAccountName: ratings, nodeName: node-2}
+status: {podIP: 10.77.2.11}
+`
+
+// TestAgentFetchesCertificatesOfItsPods runs the agent binary's main against a real CA
+// server: it obtains the certificate of its node's pod (and only that one), and serves
+// readiness, metrics and the admin endpoints.
+func TestAgentFetchesCertificatesOfItsPods(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: the agent's listeners are transparent (CAP_NET_ADMIN); CI runs as root")
+	}
+	dir := t.TempDir()
+	cfg := filepath.Join(dir, "config")
+	os.Mkdir(cfg, 0o755)
+	os.WriteFile(filepath.Join(cfg, "pods.yaml"), []byte(pods), 0o644)
+	token := "node-1-token-0123456789"
+	os.WriteFile(filepath.Join(dir, "token"), []byte(token+"\n"), 0o600)
+
+	ca, err := identity.LoadOrCreateCA(filepath.Join(dir, "ca"), identity.CAOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	auth, _ := identity.NewNodeTokens(map[string]string{"node-1": token})
+	st, _, _ := cluster.LoadDir(cfg)
+	place, _ := controller.Placement(ca.TrustDomain(), st.Pods)
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	caDone := make(chan error, 1)
+	go func() {
+		caDone <- (&controller.CAServer{CA: ca, Auth: auth, Workloads: place, ServerNames: []string{"veil-controller"}}).Serve(ctx, lis)
+	}()
+
+	pr, pw := io.Pipe()
+	agentDone := make(chan error, 1)
+	go func() {
+		agentDone <- run(ctx, []string{
+			"--node", "node-1", "--config-dir", cfg, "--ca-addr", lis.Addr().String(),
+			"--ca-root", filepath.Join(dir, "ca", identity.RootCertFile), "--token-file", filepath.Join(dir, "token"),
+			"--outbound-addr", "127.0.0.1:0", "--plaintext-addr", "127.0.0.1:0", "--hbone-addr", "127.0.0.1:0",
+			"--metrics-addr", "127.0.0.1:0", "--ready-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0",
+		}, pw, io.Discard)
+		pw.Close()
+	}()
+	addrs := map[string]string{}
+	sc := bufio.NewScanner(pr)
+	for sc.Scan() && len(addrs) < 3 {
+		// "veil-agent: metrics-addr on 127.0.0.1:1234"
+		f := strings.Fields(sc.Text())
+		if len(f) == 4 && f[2] == "on" {
+			addrs[f[1]] = f[3]
+		}
+	}
+	go io.Copy(io.Discard, pr)
+	if len(addrs) < 3 {
+		t.Fatalf("agent did not start: %v (run: %v)", addrs, <-agentDone)
+	}
+	get := func(addr, path string) (int, string) {
+		resp, err := http.Get("http://" + addr + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	if code, _ := get(addrs["ready-addr"], "/healthz/ready"); code != 200 {
+		t.Fatalf("ready: %d", code)
+	}
+	var states []identity.CertState
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		_, body := get(addrs["admin-addr"], "/certs")
+		states = nil
+		json.Unmarshal([]byte(body), &states)
+		if len(states) == 1 && states[0].State == "valid" || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if len(states) != 1 || states[0].ID != "spiffe://cluster.local/ns/bookinfo/sa/reviews" || states[0].State != "valid" {
+		t.Fatalf("certificates %+v, want reviews' only, valid", states)
+	}
+	if _, body := get(addrs["metrics-addr"], "/metrics"); !strings.Contains(body, "go_goroutines") {
+		t.Fatalf("metrics endpoint: %q", body)
+	}
+	cancel()
+	if err := <-agentDone; err != nil {
+		t.Fatalf("agent: %v", err)
+	}
+	<-caDone
+}
+
+func TestAgentRejectsMissingFlags(t *testing.T) {
+	err := run(context.Background(), []string{"--node", "n"}, io.Discard, io.Discard)
+	if err == nil || !strings.Contains(err.Error(), "--config-dir") || !strings.Contains(err.Error(), "--ca-addr") {
+		t.Fatalf("error %v, want one naming the missing flags", err)
+	}
+}
