@@ -62,7 +62,7 @@ func runTestAgent(nsName, pinDir, enroll string) error {
 		}
 	}
 	for _, r := range []struct {
-		role Role
+		role      Role
 		port, tag string
 	}{{Outbound, "15001", "outbound"}, {Inbound, "15006", "inbound"}, {InboundHBONE, "15008", "hbone"}} {
 		l, err := Listen("tcp", ":"+r.port, DefaultAgentMark)
