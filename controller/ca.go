@@ -23,8 +23,15 @@ type CAServer struct {
 	Workloads identity.WorkloadIndex
 	// ServerNames are the DNS names agents dial the CA by; the listener's IP is added.
 	ServerNames []string
-	Log         *slog.Logger
+	// Services are registered on the same gRPC server (the config stream). Streaming
+	// services must end their streams when ctx ends: Serve stops gracefully, and stops
+	// hard after StopTimeout.
+	Services []interface{ Register(*grpc.Server) }
+	Log      *slog.Logger
 }
+
+// StopTimeout is how long Serve waits for calls in progress when ctx ends.
+const StopTimeout = 5 * time.Second
 
 // servingLifetime is how long the CA's own TLS certificate lasts; it is minted anew at
 // every start.
@@ -49,11 +56,16 @@ func (s *CAServer) Serve(ctx context.Context, lis net.Listener) error {
 		Certificates: []tls.Certificate{cert},
 	})))
 	(&identity.Server{CA: s.CA, Auth: s.Auth, Workloads: s.Workloads, Log: log}).Register(g)
+	for _, svc := range s.Services {
+		svc.Register(g)
+	}
 	stopped := make(chan struct{})
 	go func() {
 		defer close(stopped)
 		<-ctx.Done()
+		t := time.AfterFunc(StopTimeout, g.Stop)
 		g.GracefulStop()
+		t.Stop()
 	}()
 	log.Info("ca: serving", "addr", lis.Addr().String(), "trust_domain", s.CA.TrustDomain().String(), "server_names", s.ServerNames)
 	err = g.Serve(lis)

@@ -1,0 +1,277 @@
+package controller
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"hash/fnv"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/veilmesh/veil/api"
+	"github.com/veilmesh/veil/internal/cluster"
+	"github.com/veilmesh/veil/policy"
+)
+
+// DirSource is a Source reading a directory of Kubernetes YAML: Namespaces, Pods,
+// Services and the security.istio.io kinds, in every *.yaml, *.yml and *.json file
+// directly in Dir (kubectl-style, several documents a file, kind List unpacked; other
+// kinds such as ServiceAccount or Deployment are skipped). It polls the directory for
+// changes.
+//
+// A bad object is reported and left out; the rest keeps serving. An object that was good
+// keeps its last good version while it is bad (a policy that no longer validates, a pod
+// whose IP no longer parses), and every object of a file keeps its last good version
+// while the file cannot be read whole (a YAML syntax error hides which objects the file
+// still means to hold): a typo never loosens what is enforced. Deleting the file deletes
+// its objects.
+//
+// A DirSource is not safe for concurrent use: call Load or Run from one goroutine.
+type DirSource struct {
+	Dir string
+	// Policy are the options policies are validated with (root namespace, trust domain).
+	Policy policy.Options
+	// Interval between checks for changes. Default 200ms.
+	Interval time.Duration
+	Log      *slog.Logger
+
+	last   map[api.Key]kept
+	digest uint64
+}
+
+// kept is an object as last read good, and the file it came from.
+type kept struct {
+	file string
+	ns   *cluster.Namespace
+	pod  *cluster.Pod
+	svc  *cluster.Service
+	pol  *policy.Object
+}
+
+// Load reads the directory once. It returns the config (what is valid, plus last good
+// versions as described above) and every problem found, joined; err is nil only when
+// nothing was wrong. cfg is nil only when the directory itself cannot be read.
+func (s *DirSource) Load() (cfg *Config, err error) {
+	ents, err := os.ReadDir(s.Dir)
+	if err != nil {
+		return nil, fmt.Errorf("controller: config dir: %w", err)
+	}
+	var files []string
+	for _, e := range ents {
+		switch strings.ToLower(filepath.Ext(e.Name())) {
+		case ".yaml", ".yml", ".json":
+			if !e.IsDir() {
+				files = append(files, filepath.Join(s.Dir, e.Name()))
+			}
+		}
+	}
+	sort.Strings(files)
+
+	now := map[api.Key]kept{}
+	broken := map[string]bool{}
+	keep := map[api.Key]bool{}
+	var errs []error
+	put := func(k api.Key, v kept) {
+		if prev, dup := now[k]; dup && prev.file != v.file {
+			errs = append(errs, fmt.Errorf("%s: %s: also defined in %s; the later file wins", v.file, k, prev.file))
+		}
+		now[k] = v
+	}
+	for _, file := range files {
+		data, err := os.ReadFile(file)
+		if err != nil {
+			broken[file] = true
+			errs = append(errs, err)
+			continue
+		}
+		st, clusterErrs := cluster.Parse(file, data)
+		if len(clusterErrs) > 0 {
+			broken[file] = true
+			errs = append(errs, clusterErrs...)
+		}
+		m := policy.Parse(file, data)
+		for _, e := range m.Errors {
+			var oe *policy.ObjectError
+			if errors.As(e, &oe) && oe.Kind != 0 {
+				if oe.Name != "" {
+					keep[policyKey(oe.Key())] = true
+				} else {
+					broken[file] = true
+				}
+				errs = append(errs, e)
+				continue
+			}
+			// Syntax errors, and Pods the policy parser reads for itself: the
+			// cluster parser has reported those already, unless it could read them.
+			broken[file] = true
+			if len(clusterErrs) == 0 {
+				errs = append(errs, e)
+			}
+		}
+		for _, o := range m.Objects {
+			if _, err := policy.Validate(o, s.Policy); err != nil {
+				keep[policyKey(o.Key())] = true
+				errs = append(errs, err)
+				continue
+			}
+			put(policyKey(o.Key()), kept{file: file, pol: o})
+		}
+		for _, ns := range sortedNamespaces(st) {
+			put(api.Key{Kind: api.Kind_KIND_NAMESPACE, Name: ns.Name}, kept{file: file, ns: ns})
+		}
+		for _, p := range st.Pods {
+			put(api.Key{Kind: api.Kind_KIND_WORKLOAD, Namespace: p.Namespace, Name: p.Name}, kept{file: file, pod: p})
+		}
+		for _, svc := range st.Services {
+			put(api.Key{Kind: api.Kind_KIND_SERVICE, Namespace: svc.Namespace, Name: svc.Name}, kept{file: file, svc: svc})
+		}
+	}
+	for k, v := range s.last {
+		if _, still := now[k]; still || !(keep[k] || broken[v.file]) {
+			continue
+		}
+		now[k] = v
+		errs = append(errs, fmt.Errorf("%s: %s: keeping its last good version until the errors above are fixed", v.file, k))
+	}
+	s.last = now
+	return s.config(), errors.Join(errs...)
+}
+
+// config builds a Config from s.last in a stable order.
+func (s *DirSource) config() *Config {
+	keys := make([]api.Key, 0, len(s.last))
+	for k := range s.last {
+		keys = append(keys, k)
+	}
+	sort.Slice(keys, func(i, j int) bool { return lessKey(keys[i], keys[j]) })
+	cfg := &Config{Cluster: &cluster.State{Namespaces: map[string]*cluster.Namespace{}}}
+	for _, k := range keys {
+		v := s.last[k]
+		switch {
+		case v.ns != nil:
+			cfg.Cluster.Namespaces[v.ns.Name] = v.ns
+		case v.pod != nil:
+			cfg.Cluster.Pods = append(cfg.Cluster.Pods, v.pod)
+		case v.svc != nil:
+			cfg.Cluster.Services = append(cfg.Cluster.Services, v.svc)
+		case v.pol != nil:
+			cfg.Policies = append(cfg.Policies, v.pol)
+		}
+	}
+	return cfg
+}
+
+// Run implements Source: it loads the directory, calls update, and again after every
+// change until ctx ends, logging the problems of each load. It blocks, and returns an
+// error only when the directory cannot be read at first.
+func (s *DirSource) Run(ctx context.Context, update func(*Config)) error {
+	log := s.Log
+	if log == nil {
+		log = slog.Default()
+	}
+	interval := s.Interval
+	if interval <= 0 {
+		interval = 200 * time.Millisecond
+	}
+	load := func() bool {
+		d, err := dirDigest(s.Dir)
+		if err != nil {
+			log.Warn("config: cannot read directory; serving the last good config", "dir", s.Dir, "err", err)
+			return false
+		}
+		if d == s.digest && s.last != nil {
+			return true
+		}
+		s.digest = d
+		start := time.Now()
+		cfg, err := s.Load()
+		if cfg == nil {
+			log.Warn("config: cannot read directory; serving the last good config", "dir", s.Dir, "err", err)
+			return false
+		}
+		for _, e := range unjoin(err) {
+			log.Warn("config: object ignored", "dir", s.Dir, "err", e)
+		}
+		log.Info("config: loaded", "dir", s.Dir, "namespaces", len(cfg.Cluster.Namespaces), "pods", len(cfg.Cluster.Pods),
+			"services", len(cfg.Cluster.Services), "policies", len(cfg.Policies), "errors", len(unjoin(err)), "took", time.Since(start))
+		update(cfg)
+		return true
+	}
+	if !load() {
+		return fmt.Errorf("controller: config dir %s: cannot be read", s.Dir)
+	}
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+			load()
+		}
+	}
+}
+
+// dirDigest hashes the names, sizes and modification times of the directory's entries.
+func dirDigest(dir string) (uint64, error) {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return 0, err
+	}
+	h := fnv.New64a()
+	for _, e := range ents { // ReadDir sorts by name
+		info, err := e.Info()
+		if err != nil {
+			fmt.Fprintf(h, "%s\x00gone\n", e.Name())
+			continue
+		}
+		fmt.Fprintf(h, "%s\x00%d\x00%d\n", e.Name(), info.Size(), info.ModTime().UnixNano())
+	}
+	return h.Sum64(), nil
+}
+
+func unjoin(err error) []error {
+	if err == nil {
+		return nil
+	}
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		return j.Unwrap()
+	}
+	return []error{err}
+}
+
+func policyKey(k policy.Key) api.Key {
+	kind := api.Kind_KIND_UNSPECIFIED
+	switch k.Kind {
+	case policy.KindPeerAuthentication:
+		kind = api.Kind_KIND_PEER_AUTHENTICATION
+	case policy.KindAuthorizationPolicy:
+		kind = api.Kind_KIND_AUTHORIZATION_POLICY
+	case policy.KindRequestAuthentication:
+		kind = api.Kind_KIND_REQUEST_AUTHENTICATION
+	}
+	return api.Key{Kind: kind, Namespace: k.Namespace, Name: k.Name}
+}
+
+func lessKey(a, b api.Key) bool {
+	if a.Kind != b.Kind {
+		return a.Kind < b.Kind
+	}
+	if a.Namespace != b.Namespace {
+		return a.Namespace < b.Namespace
+	}
+	return a.Name < b.Name
+}
+
+func sortedNamespaces(st *cluster.State) []*cluster.Namespace {
+	out := make([]*cluster.Namespace, 0, len(st.Namespaces))
+	for _, ns := range st.Namespaces {
+		out = append(out, ns)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out
+}
