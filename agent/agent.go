@@ -47,6 +47,11 @@ type Options struct {
 	OutboundAddr, PlaintextAddr, HBONEAddr string
 	// HBONEPort is the port dialled on remote workloads. Default 15008.
 	HBONEPort uint16
+	// Capture, when set, is the eBPF capture: the agent attaches it to local pods'
+	// veths, enrolls the enrolled ones, registers its listeners, and exports its counters.
+	Capture Capture
+	// PodLink finds a local pod's veth. Default RouteLink.
+	PodLink PodLink
 	// Registry receives the metrics. Default a new registry (see Agent.Registry).
 	Registry *prometheus.Registry
 	Log      *slog.Logger
@@ -68,9 +73,10 @@ type Agent struct {
 	// streams maps each admitted HBONE *tunnel.Request to its *inbound until Done.
 	streams sync.Map
 
-	// updateMu serialises Update and ApplyPolicies and guards policyWorkloads.
+	// updateMu serialises Update and ApplyPolicies and guards policyWorkloads and capture.
 	updateMu        sync.Mutex
 	policyWorkloads map[policy.WorkloadKey]bool
+	capture         captured
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -116,6 +122,14 @@ func New(opts Options) (*Agent, error) {
 	}
 	if opts.Log == nil {
 		opts.Log = slog.Default()
+	}
+	if opts.PodLink == nil {
+		opts.PodLink = RouteLink
+	}
+	if opts.Capture != nil {
+		if err := opts.Registry.Register(newCaptureCollector(opts.Capture)); err != nil {
+			return nil, fmt.Errorf("agent: capture metrics: %w", err)
+		}
 	}
 	a := &Agent{opts: opts, log: opts.Log, metrics: newMetrics(opts.Registry), policyWorkloads: map[policy.WorkloadKey]bool{}}
 	a.store.Options = opts.Policy
@@ -166,6 +180,7 @@ func (a *Agent) Update(st *cluster.State) {
 	}
 	a.store.SetWorkloads(ws...)
 	old := a.view.Swap(v)
+	a.syncCapture(v)
 	ids := map[spiffeid.ID]bool{}
 	for _, w := range v.local {
 		ids[w.id] = true
@@ -222,11 +237,12 @@ func (a *Agent) Start() error {
 		addr  string
 		serve func(net.Listener)
 	}
-	for _, s := range []srv{
+	servers := []srv{
 		{a.opts.OutboundAddr, func(l net.Listener) { a.acceptLoop(l, a.Outbound) }},
 		{a.opts.PlaintextAddr, func(l net.Listener) { a.acceptLoop(l, a.Plaintext) }},
 		{a.opts.HBONEAddr, func(l net.Listener) { a.hbone.Serve(l) }},
-	} {
+	}
+	for _, s := range servers {
 		l, err := a.opts.Sockets.Listen(a.ctx, s.addr)
 		if err != nil {
 			return errors.Join(fmt.Errorf("agent: listen %s: %w", s.addr, err), a.Close())
@@ -234,6 +250,16 @@ func (a *Agent) Start() error {
 		a.mu.Lock()
 		a.listeners = append(a.listeners, l)
 		a.mu.Unlock()
+	}
+	// Hand the listeners to the capture before serving: from here on, enrolled pods'
+	// connections reach them instead of being dropped.
+	if a.opts.Capture != nil {
+		if err := a.registerListeners(a.listeners[0], a.listeners[1], a.listeners[2]); err != nil {
+			return errors.Join(err, a.Close())
+		}
+	}
+	for i, s := range servers {
+		l := a.listeners[i]
 		a.wg.Add(1)
 		go func() { defer a.wg.Done(); s.serve(l) }()
 	}

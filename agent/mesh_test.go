@@ -113,10 +113,13 @@ type testMesh struct {
 }
 
 // newTestMesh builds the network, starts an agent per node with a real CA and the
-// cluster above, and starts the application on port 9080 of every pod.
-func newTestMesh(t *testing.T) *testMesh {
+// cluster above, and starts the application on port 9080 of every pod. With
+// withCapture, each node loads the real eBPF capture and pods' connections reach the
+// agents by themselves; without, the tests hand them over (capture).
+func newTestMesh(t *testing.T, withCapture ...bool) *testMesh {
 	t.Helper()
-	m := &testMesh{net: newTestNet(t, testPods), agents: map[string]*Agent{}, logs: map[string]*syncBuffer{}}
+	capture := len(withCapture) > 0 && withCapture[0]
+	m := &testMesh{net: newTestNet(t, testPods, !capture), agents: map[string]*Agent{}, logs: map[string]*syncBuffer{}}
 	var err error
 	if m.ca, err = identity.NewSelfSignedCA(identity.CAOptions{}); err != nil {
 		t.Fatal(err)
@@ -132,12 +135,21 @@ func newTestMesh(t *testing.T) *testMesh {
 		if err != nil {
 			t.Fatal(err)
 		}
-		a, err := New(Options{
+		ns := m.net.nodes[node]
+		opts := Options{
 			Node:    node,
 			Certs:   mgr,
-			Sockets: nsSockets{ns: m.net.nodes[node], host: HostSockets{Mark: DefaultMark}},
+			Sockets: nsSockets{ns: ns, host: HostSockets{Mark: DefaultMark}},
 			Log:     log,
-		})
+		}
+		if capture {
+			opts.Capture = loadCapture(t, ns, map[string]string{"node-1": "up1", "node-2": "up2"}[node])
+			opts.PodLink = func(ip netip.Addr) (idx int, err error) {
+				err = ns.do(func() (err error) { idx, err = RouteLink(ip); return err })
+				return idx, err
+			}
+		}
+		a, err := New(opts)
 		if err != nil {
 			t.Fatal(err)
 		}

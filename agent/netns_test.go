@@ -151,8 +151,10 @@ type podSpec struct {
 	ip         netip.Addr
 }
 
-// newTestNet builds nodes node-1 (10.77.0.1) and node-2 (10.77.0.2) and the pods.
-func newTestNet(t *testing.T, pods []podSpec) *testNet {
+// newTestNet builds nodes node-1 (10.77.0.1) and node-2 (10.77.0.2) and the pods. With
+// standIn, policy routing stands in for the capture (see above); without, the test
+// loads the real BPF capture.
+func newTestNet(t *testing.T, pods []podSpec, standIn bool) *testNet {
 	t.Helper()
 	requireRoot(t)
 	tn := &testNet{nodes: map[string]*netNS{}, pods: map[string]*netNS{}, nodeIP: map[string]netip.Addr{}}
@@ -167,9 +169,11 @@ func newTestNet(t *testing.T, pods []podSpec) *testNet {
 		run(t, "ip", "-n", n.name, "link", "set", dev, "up")
 		run(t, "ip", "-n", n.name, "route", "add", fmt.Sprintf("10.77.%d.0/24", other), "via", fmt.Sprintf("10.77.0.%d", other))
 		run(t, "ip", "netns", "exec", n.name, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-		// What the capture will do: HBONE from other nodes is delivered to the agent.
-		run(t, "ip", "-n", n.name, "rule", "add", "pref", "100", "iif", dev, "ipproto", "tcp", "dport", "15008", "lookup", "100")
-		run(t, "ip", "-n", n.name, "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "100")
+		if standIn {
+			// What the capture does: HBONE from other nodes is delivered to the agent.
+			run(t, "ip", "-n", n.name, "rule", "add", "pref", "100", "iif", dev, "ipproto", "tcp", "dport", "15008", "lookup", "100")
+			run(t, "ip", "-n", n.name, "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "100")
+		}
 	}
 	for i, p := range pods {
 		node := tn.nodes[p.node]
@@ -185,9 +189,11 @@ func newTestNet(t *testing.T, pods []podSpec) *testNet {
 		run(t, "ip", "-n", node.name, "addr", "add", gw+"/32", "dev", hostDev)
 		run(t, "ip", "-n", node.name, "link", "set", hostDev, "up")
 		run(t, "ip", "-n", node.name, "route", "add", p.ip.String()+"/32", "dev", hostDev)
-		// What the capture will do: the application's replies to the agent's
-		// transparent dials are delivered to the agent's socket.
-		run(t, "ip", "-n", node.name, "rule", "add", "pref", "101", "iif", hostDev, "ipproto", "tcp", "sport", fmt.Sprint(appPort), "lookup", "100")
+		if standIn {
+			// What the capture does: the application's replies to the agent's
+			// transparent dials are delivered to the agent's socket.
+			run(t, "ip", "-n", node.name, "rule", "add", "pref", "101", "iif", hostDev, "ipproto", "tcp", "sport", fmt.Sprint(appPort), "lookup", "100")
+		}
 	}
 	return tn
 }

@@ -7,12 +7,13 @@ import (
 	"net/netip"
 	"syscall"
 
+	"github.com/veilmesh/veil/bpf"
 	"golang.org/x/sys/unix"
 )
 
 // DefaultMark is the SO_MARK the agent puts on its sockets. The capture lets marked
 // packets through, so the agent's own connections are never captured again.
-const DefaultMark = 0x539
+const DefaultMark = bpf.DefaultAgentMark
 
 // Sockets creates the agent's sockets. Listeners are transparent (IP_TRANSPARENT), so
 // they accept connections assigned to them for addresses that are not the node's;
@@ -61,6 +62,9 @@ func (h HostSockets) control(transparent bool) func(network, address string, c s
 // Listen implements Sockets.
 func (h HostSockets) Listen(ctx context.Context, addr string) (net.Listener, error) {
 	lc := net.ListenConfig{Control: h.control(true)}
+	// An MPTCP socket cannot enter the capture's SOCKMAP, and Go listens with MPTCP by
+	// default since 1.24.
+	lc.SetMultipathTCP(false)
 	return lc.Listen(ctx, "tcp", addr)
 }
 

@@ -1,0 +1,181 @@
+package agent
+
+import (
+	"fmt"
+	"net"
+	"net/netip"
+	"syscall"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/veilmesh/veil/bpf"
+	"github.com/vishvananda/netlink"
+)
+
+// Capture is the eBPF capture as the agent drives it; *bpf.Capture implements it.
+type Capture interface {
+	Attach(ifindex int) error
+	Detach(ifindex int) error
+	Enroll(p bpf.Pod) error
+	Unenroll(p bpf.Pod) error
+	SetListener(role bpf.Role, l syscall.Conn) error
+	Counters() ([]bpf.Counter, error)
+}
+
+// PodLink returns the index of the node-side interface that reaches a local pod's
+// address: with a routed CNI, its veth.
+type PodLink func(ip netip.Addr) (ifindex int, err error)
+
+// RouteLink is the default PodLink: it asks the kernel which interface routes to ip.
+func RouteLink(ip netip.Addr) (int, error) {
+	routes, err := netlink.RouteGet(ip.AsSlice())
+	if err != nil {
+		return 0, fmt.Errorf("route to %s: %w", ip, err)
+	}
+	if len(routes) == 0 || routes[0].LinkIndex <= 0 {
+		return 0, fmt.Errorf("no interface routes to %s", ip)
+	}
+	return routes[0].LinkIndex, nil
+}
+
+// captured is what the agent has put into the capture, by pod.
+type captured struct {
+	attached map[int]bool       // pod veths with the programs
+	enrolled map[podKey]bpf.Pod // enrolled pods
+	links    map[podKey]int     // pod -> veth, cached
+}
+
+type podKey struct{ namespace, name string }
+
+// syncCapture makes the capture match view v: the programs on every local pod's veth
+// (enrolled or not: a non-enrolled pod's connections to enrolled pods are captured at
+// its veth), enrolled pods in the enrollment map, departed pods out. A pod that cannot
+// be enrolled is logged loudly: its traffic is not captured, as a CNI failure would
+// leave it. Called with updateMu held.
+func (a *Agent) syncCapture(v *view) {
+	c := a.opts.Capture
+	if c == nil {
+		return
+	}
+	st := &a.capture
+	if st.attached == nil {
+		st.attached, st.enrolled, st.links = map[int]bool{}, map[podKey]bpf.Pod{}, map[podKey]int{}
+	}
+	wantAttached := map[int]bool{}
+	wantEnrolled := map[podKey]bpf.Pod{}
+	seen := map[*workload]bool{}
+	for _, w := range v.byIP {
+		if !w.local || seen[w] {
+			continue
+		}
+		seen[w] = true
+		k := podKey{w.pod.Namespace, w.pod.Name}
+		idx, ok := st.links[k]
+		if !ok {
+			var err error
+			if idx, err = a.opts.PodLink(w.pod.IPs[0]); err != nil {
+				a.log.Error("capture: cannot find the pod's interface; its traffic is NOT captured", "pod", w.String(), "err", err)
+				continue
+			}
+			st.links[k] = idx
+		}
+		wantAttached[idx] = true
+		if w.enrolled {
+			wantEnrolled[k] = bpf.Pod{IfIndex: idx, IPs: w.pod.IPs}
+		}
+	}
+	for k, p := range st.enrolled {
+		if _, still := wantEnrolled[k]; !still {
+			if err := c.Unenroll(p); err != nil {
+				a.log.Error("capture: unenroll failed", "pod", k.namespace+"/"+k.name, "err", err)
+			}
+			delete(st.enrolled, k)
+		}
+	}
+	for idx := range st.attached {
+		if !wantAttached[idx] {
+			if err := c.Detach(idx); err != nil {
+				a.log.Warn("capture: detach failed", "ifindex", idx, "err", err)
+			}
+			delete(st.attached, idx)
+		}
+	}
+	for k := range st.links {
+		if _, ok := wantEnrolled[k]; !ok && !wantAttached[st.links[k]] {
+			delete(st.links, k)
+		}
+	}
+	for idx := range wantAttached {
+		if st.attached[idx] {
+			continue
+		}
+		if err := c.Attach(idx); err != nil {
+			a.log.Error("capture: attach failed; the pod's traffic is NOT captured", "ifindex", idx, "err", err)
+			continue
+		}
+		st.attached[idx] = true
+	}
+	for k, p := range wantEnrolled {
+		if old, ok := st.enrolled[k]; ok && old.IfIndex == p.IfIndex && sameAddrs(old.IPs, p.IPs) {
+			continue
+		}
+		if err := c.Enroll(p); err != nil {
+			a.log.Error("capture: enroll failed; the pod's traffic is NOT captured", "pod", k.namespace+"/"+k.name, "err", err)
+			continue
+		}
+		st.enrolled[k] = p
+		a.log.Info("capture: pod enrolled", "pod", k.namespace+"/"+k.name, "ifindex", p.IfIndex, "ips", fmt.Sprint(p.IPs))
+	}
+}
+
+func sameAddrs(a, b []netip.Addr) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i] != b[i] {
+			return false
+		}
+	}
+	return true
+}
+
+// registerListeners hands the agent's listeners to the capture.
+func (a *Agent) registerListeners(out, plain, hbone net.Listener) error {
+	for _, r := range []struct {
+		role bpf.Role
+		l    net.Listener
+	}{{bpf.Outbound, out}, {bpf.Inbound, plain}, {bpf.InboundHBONE, hbone}} {
+		sc, ok := r.l.(syscall.Conn)
+		if !ok {
+			return fmt.Errorf("agent: %s listener %T has no file descriptor", r.role, r.l)
+		}
+		if err := a.opts.Capture.SetListener(r.role, sc); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// captureCollector exports the capture's packet counters on every scrape.
+type captureCollector struct {
+	c    Capture
+	desc *prometheus.Desc
+}
+
+func newCaptureCollector(c Capture) *captureCollector {
+	return &captureCollector{c: c, desc: prometheus.NewDesc("veil_capture_packets_total",
+		"Packets the eBPF capture saw, by what it did (captured, passed, dropped) and why.", []string{"result", "reason"}, nil)}
+}
+
+func (cc *captureCollector) Describe(ch chan<- *prometheus.Desc) { ch <- cc.desc }
+
+func (cc *captureCollector) Collect(ch chan<- prometheus.Metric) {
+	counters, err := cc.c.Counters()
+	if err != nil {
+		ch <- prometheus.NewInvalidMetric(cc.desc, err)
+		return
+	}
+	for _, k := range counters {
+		ch <- prometheus.MustNewConstMetric(cc.desc, prometheus.CounterValue, float64(k.Value), k.Result, k.Reason)
+	}
+}
