@@ -22,6 +22,7 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/veilmesh/veil/agent"
+	"github.com/veilmesh/veil/bpf"
 	"github.com/veilmesh/veil/identity"
 	"github.com/veilmesh/veil/policy"
 )
@@ -36,6 +37,9 @@ func main() {
 }
 
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	if len(args) > 0 && args[0] == "uninstall" {
+		return uninstall(args[1:], stdout, stderr)
+	}
 	fs := flag.NewFlagSet("veil-agent", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	hostname, _ := os.Hostname()
@@ -59,8 +63,14 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		readyAddr     = fs.String("ready-addr", ":15021", "readiness (/healthz/ready); empty disables")
 		adminAddr     = fs.String("admin-addr", "localhost:15000", "admin endpoints (/certs, /config_dump, /debug/pprof); keep it on localhost; empty disables")
 		mark          = fs.Int("mark", agent.DefaultMark, "SO_MARK of the agent's sockets; the capture lets packets with it through")
+		capture       = fs.Bool("capture", true, "load the eBPF capture that hands enrolled pods' connections to the agent")
+		pinDir        = fs.String("pin-dir", bpf.DefaultPinDir, "bpffs directory where the capture's maps and links are pinned (they survive agent restarts)")
+		captureHost   = fs.Bool("capture-host", false, "also capture connections the node itself opens to enrolled pods (kubelet probes from 169.254.7.127 stay exempt)")
+		failOpen      = fs.Bool("fail-open", false, "while no agent listens, let enrolled pods' traffic through in plaintext instead of dropping it")
+		uplinks       listFlag
 		logLevel      = fs.String("log-level", "info", "debug, info, warn or error")
 	)
+	fs.Var(&uplinks, "uplink", "interface through which other nodes' traffic arrives; repeatable (default: the interfaces of the default routes)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -108,7 +118,28 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	defer certs.Close()
 
+	var capt agent.Capture
+	if *capture {
+		if _, err := bpf.CheckFeatures(); err != nil {
+			return fmt.Errorf("capture: %w", err)
+		}
+		if len(uplinks) == 0 {
+			if uplinks, err = defaultUplinks(); err != nil {
+				return fmt.Errorf("--uplink not given and %w", err)
+			}
+		}
+		c, err := bpf.Load(bpf.Options{PinDir: *pinDir, Uplinks: uplinks, AgentMark: uint32(*mark), CaptureHost: *captureHost, FailOpen: *failOpen})
+		if err != nil {
+			return err
+		}
+		// Close keeps the pinned programs: until the next agent, enrolled pods' new
+		// connections are dropped (or passed, with --fail-open). Uninstall removes them.
+		defer c.Close()
+		capt = c
+		log.Info("capture loaded", "pin_dir", *pinDir, "uplinks", strings.Join(uplinks, ","), "fail_open", *failOpen, "capture_host", *captureHost)
+	}
 	a, err := agent.New(agent.Options{
+		Capture:       capt,
 		Node:          *node,
 		TrustDomain:   td,
 		Policy:        policy.Options{RootNamespace: *rootNamespace, TrustDomain: td.String()},

@@ -74,7 +74,7 @@ func TestAgentFetchesCertificatesOfItsPods(t *testing.T) {
 		agentDone <- run(ctx, []string{
 			"--node", "node-1", "--config-dir", cfg, "--ca-addr", lis.Addr().String(),
 			"--ca-root", filepath.Join(dir, "ca", identity.RootCertFile), "--token-file", filepath.Join(dir, "token"),
-			"--outbound-addr", "127.0.0.1:0", "--plaintext-addr", "127.0.0.1:0", "--hbone-addr", "127.0.0.1:0",
+			"--capture=false", "--outbound-addr", "127.0.0.1:0", "--plaintext-addr", "127.0.0.1:0", "--hbone-addr", "127.0.0.1:0",
 			"--metrics-addr", "127.0.0.1:0", "--ready-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0",
 		}, pw, io.Discard)
 		pw.Close()
