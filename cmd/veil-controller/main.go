@@ -1,6 +1,9 @@
-// Command veil-controller runs veil's control plane: today, the CA that signs the
-// SPIFFE identities of pods for the node agents (Istio's IstioCertificateService on
-// gRPC, TLS, default port 15012 as istiod's).
+// Command veil-controller runs veil's control plane on one gRPC port (TLS, default 15012
+// as istiod's): the CA that signs the SPIFFE identities of pods for the node agents
+// (Istio's IstioCertificateService), and the config stream (api.ConfigService) that
+// sends the agents the workloads, services, namespaces and Istio policies read from a
+// directory of YAML, which it watches for changes. The CA's node placement follows the
+// same directory.
 package main
 
 import (
@@ -21,7 +24,8 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/veilmesh/veil/controller"
 	"github.com/veilmesh/veil/identity"
-	"github.com/veilmesh/veil/internal/cluster"
+	"github.com/veilmesh/veil/policy"
+	"google.golang.org/grpc"
 )
 
 func main() {
@@ -47,7 +51,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		maxTTL      = fs.Duration("max-ttl", identity.DefaultMaxTTL, "longest lifetime of an issued workload certificate")
 		listen      = fs.String("listen", ":15012", "address of the CA's gRPC service")
 		tokens      = fs.String("node-tokens", "", "YAML file, mode 0600, mapping node name to its bootstrap token (required)")
-		pods        = fs.String("pods", "", "directory of Pod manifests (spec.nodeName, spec.serviceAccountName) deciding which node may obtain which identity (required)")
+		configDir   = fs.String("config-dir", "", "directory of Kubernetes YAML (Namespaces, Pods, Services, PeerAuthentication, AuthorizationPolicy, RequestAuthentication), watched for changes: what the agents receive, and which node may obtain which identity (required)")
+		pods        = fs.String("pods", "", "old name of --config-dir")
+		rootNS      = fs.String("root-namespace", policy.DefaultRootNamespace, "meshConfig.rootNamespace: policies there apply mesh-wide")
+		poll        = fs.Duration("poll-interval", 200*time.Millisecond, "how often --config-dir is checked for changes")
 		logLevel    = fs.String("log-level", "info", "debug, info, warn or error")
 		serverNames listFlag
 	)
@@ -58,8 +65,17 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if fs.NArg() > 0 {
 		return fmt.Errorf("unexpected arguments %q", fs.Args())
 	}
-	if *tokens == "" || *pods == "" {
-		return errors.New("--node-tokens and --pods are required")
+	switch {
+	case *configDir != "" && *pods != "" && *configDir != *pods:
+		return errors.New("--pods is the old name of --config-dir; give one of them")
+	case *configDir == "":
+		*configDir = *pods
+	}
+	if *tokens == "" || *configDir == "" {
+		return errors.New("--node-tokens and --config-dir are required")
+	}
+	if *poll <= 0 {
+		return fmt.Errorf("--poll-interval %v: must be positive", *poll)
 	}
 	if len(serverNames) == 0 {
 		serverNames = listFlag{"veil-controller", "localhost"}
@@ -85,24 +101,46 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	state, loadErrs, err := cluster.LoadDir(*pods)
-	if err != nil {
+	// The first load happens before the listener opens, so that a CA request or a
+	// subscription never meets an empty config.
+	src := &controller.DirSource{
+		Dir:      *configDir,
+		Policy:   policy.Options{RootNamespace: *rootNS, TrustDomain: td.String()},
+		Interval: *poll,
+		Log:      log,
+	}
+	if cfg, err := src.Load(); cfg == nil {
 		return err
 	}
-	for _, e := range loadErrs {
-		log.Warn("pods: object ignored", "err", e)
+	placement := &controller.LivePlacement{}
+	config := &controller.ConfigServer{
+		Auth:   auth,
+		Source: src,
+		OnConfig: func(c *controller.Config) {
+			if err := placement.Update(td, c.Cluster.Pods); err != nil {
+				log.Warn("ca: pods left out of the placement", "err", err)
+			}
+		},
+		Log: log,
 	}
-	placement, err := controller.Placement(td, state.Pods)
-	if err != nil {
-		return err
-	}
-	log.Info("pods loaded", "pods", len(state.Pods), "nodes", len(placement))
 
 	lis, err := net.Listen("tcp", *listen)
 	if err != nil {
 		return err
 	}
-	fmt.Fprintf(stdout, "veil-controller: CA on %s, trust bundle %s\n", lis.Addr(), filepath.Join(*caDir, identity.RootCertFile))
-	srv := &controller.CAServer{CA: ca, Auth: auth, Workloads: placement, ServerNames: serverNames, Log: log}
-	return srv.Serve(ctx, lis)
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	configDone := make(chan error, 1)
+	go func() {
+		err := config.Run(ctx)
+		if err != nil {
+			cancel()
+		}
+		configDone <- err
+	}()
+	fmt.Fprintf(stdout, "veil-controller: CA on %s, trust bundle %s, config stream from %s\n", lis.Addr(), filepath.Join(*caDir, identity.RootCertFile), *configDir)
+	srv := &controller.CAServer{CA: ca, Auth: auth, Workloads: placement, ServerNames: serverNames, Services: []interface{ Register(*grpc.Server) }{config}, Log: log}
+	err = srv.Serve(ctx, lis)
+	cancel()
+	return errors.Join(err, <-configDone)
 }
