@@ -1,0 +1,179 @@
+package controller
+
+import (
+	"context"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+)
+
+func copyTestdata(t *testing.T, dir string, files map[string]string) {
+	t.Helper()
+	for dst, src := range files {
+		if err := os.WriteFile(filepath.Join(dir, dst), []byte(readTestdata(t, src)), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// summary lists a config's objects with what the tests look at.
+func summary(cfg *Config) string {
+	var out []string
+	for _, p := range cfg.Cluster.Pods {
+		out = append(out, "pod "+p.Namespace+"/"+p.Name+" "+p.IPs[0].String())
+	}
+	for _, o := range cfg.Policies {
+		s := o.Key().String()
+		if pa := o.PeerAuthentication; pa != nil {
+			s += " " + pa.GetMtls().GetMode().String()
+		}
+		if ap := o.AuthorizationPolicy; ap != nil && len(ap.GetRules()) > 0 && len(ap.GetRules()[0].GetFrom()) > 0 {
+			s += " from " + strings.Join(ap.GetRules()[0].GetFrom()[0].GetSource().GetPrincipals(), ",")
+		}
+		out = append(out, s)
+	}
+	return strings.Join(out, "; ")
+}
+
+func TestDirSourceKeepsLastGoodVersion(t *testing.T) {
+	const good = "pod bookinfo/productpage-v1 10.77.2.10; pod bookinfo/reviews-v1 10.77.1.10; " +
+		"PeerAuthentication bookinfo/default STRICT; AuthorizationPolicy bookinfo/reviews-allow-productpage from cluster.local/ns/bookinfo/sa/bookinfo-productpage"
+	for _, tc := range []struct {
+		name      string
+		replace   map[string]string // file -> new content
+		wantErr   []string
+		wantAfter string
+	}{
+		{
+			name:      "YAML syntax error keeps every object of the file",
+			replace:   map[string]string{"policy.yaml": readTestdata(t, "policy-broken-syntax.yaml")},
+			wantErr:   []string{"policy.yaml", "keeping its last good version"},
+			wantAfter: good,
+		},
+		{
+			name:      "invalid policy keeps its last good version; the file's other objects follow the file",
+			replace:   map[string]string{"policy.yaml": readTestdata(t, "policy-invalid-port.yaml")},
+			wantErr:   []string{`AuthorizationPolicy bookinfo/reviews-allow-productpage: spec.rules[0].to[0].operation.ports[0]: "http" is not a port`},
+			wantAfter: "pod bookinfo/productpage-v1 10.77.2.10; pod bookinfo/reviews-v1 10.77.1.10; AuthorizationPolicy bookinfo/reviews-allow-productpage from cluster.local/ns/bookinfo/sa/bookinfo-productpage",
+		},
+		{
+			name:      "bad pod IP keeps the pod's last good version",
+			replace:   map[string]string{"cluster.yaml": strings.Replace(readTestdata(t, "config/cluster.yaml"), "10.77.1.10", "10.77.1.300", 1)},
+			wantErr:   []string{`pod bookinfo/reviews-v1: status.podIP: "10.77.1.300" is not an IP address`, "WORKLOAD bookinfo/reviews-v1: keeping its last good version"},
+			wantAfter: good,
+		},
+		{
+			name:      "deleting a file deletes its objects",
+			replace:   map[string]string{"policy.yaml": ""},
+			wantAfter: "pod bookinfo/productpage-v1 10.77.2.10; pod bookinfo/reviews-v1 10.77.1.10",
+		},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			copyTestdata(t, dir, map[string]string{"cluster.yaml": "config/cluster.yaml", "policy.yaml": "config/policy.yaml"})
+			src := &DirSource{Dir: dir}
+			cfg, err := src.Load()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := summary(cfg); got != good {
+				t.Fatalf("first load:\n got %s\nwant %s", got, good)
+			}
+			for name, data := range tc.replace {
+				path := filepath.Join(dir, name)
+				if data == "" {
+					os.Remove(path)
+				} else if err := os.WriteFile(path, []byte(data), 0o644); err != nil {
+					t.Fatal(err)
+				}
+			}
+			cfg, err = src.Load()
+			if cfg == nil {
+				t.Fatal(err)
+			}
+			for _, want := range tc.wantErr {
+				if err == nil || !strings.Contains(err.Error(), want) {
+					t.Errorf("errors %v\nwant one containing %q", err, want)
+				}
+			}
+			if len(tc.wantErr) == 0 && err != nil {
+				t.Errorf("unexpected errors: %v", err)
+			}
+			if got := summary(cfg); got != tc.wantAfter {
+				t.Errorf("after the change:\n got %s\nwant %s", got, tc.wantAfter)
+			}
+			// Fixing the file serves its new content.
+			copyTestdata(t, dir, map[string]string{"cluster.yaml": "config/cluster.yaml", "policy.yaml": "config/policy.yaml"})
+			if cfg, err = src.Load(); err != nil || summary(cfg) != good {
+				t.Errorf("after the fix: %v: %s", err, summary(cfg))
+			}
+		})
+	}
+}
+
+func TestDirSourceFirstLoadWithBadFileServesTheRest(t *testing.T) {
+	dir := t.TempDir()
+	copyTestdata(t, dir, map[string]string{"cluster.yaml": "config/cluster.yaml", "policy.yaml": "policy-broken-syntax.yaml"})
+	cfg, err := (&DirSource{Dir: dir}).Load()
+	if cfg == nil || err == nil || !strings.Contains(err.Error(), "policy.yaml") {
+		t.Fatalf("Load = %v, %v; want the cluster and an error naming policy.yaml", cfg, err)
+	}
+	if len(cfg.Cluster.Pods) != 2 || len(cfg.Policies) != 0 {
+		t.Fatalf("served %s", summary(cfg))
+	}
+	if _, err := (&DirSource{Dir: filepath.Join(dir, "missing")}).Load(); err == nil {
+		t.Fatal("a missing directory loaded")
+	}
+}
+
+func TestDirSourceRunFollowsChangesAndPlacementFollows(t *testing.T) {
+	dir := t.TempDir()
+	copyTestdata(t, dir, map[string]string{"cluster.yaml": "config/cluster.yaml"})
+	var mu sync.Mutex
+	var got []*Config
+	placement := &LivePlacement{}
+	td := spiffeid.RequireTrustDomainFromString("cluster.local")
+	reviews := spiffeid.RequireFromString("spiffe://cluster.local/ns/bookinfo/sa/bookinfo-reviews")
+	if placement.IdentityOnNode("node-1", reviews) {
+		t.Fatal("an empty placement places a pod")
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	src := &DirSource{Dir: dir, Interval: 5 * time.Millisecond, Log: slog.New(slog.DiscardHandler)}
+	go func() {
+		done <- src.Run(ctx, func(c *Config) {
+			placement.Update(td, c.Cluster.Pods)
+			mu.Lock()
+			got = append(got, c)
+			mu.Unlock()
+		})
+	}()
+	n := func() int { mu.Lock(); defer mu.Unlock(); return len(got) }
+	waitFor(t, "first load", func() bool { return n() == 1 })
+	if !placement.IdentityOnNode("node-1", reviews) || placement.IdentityOnNode("node-2", reviews) {
+		t.Fatal("placement does not follow the first load")
+	}
+	// reviews-v1 moves to node-2.
+	moved := strings.Replace(readTestdata(t, "config/cluster.yaml"), "nodeName: node-1", "nodeName: node-2", 1)
+	if err := os.WriteFile(filepath.Join(dir, "cluster.yaml"), []byte(moved), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "reload", func() bool { return n() == 2 })
+	if placement.IdentityOnNode("node-1", reviews) || !placement.IdentityOnNode("node-2", reviews) {
+		t.Fatal("placement does not follow the change")
+	}
+	time.Sleep(30 * time.Millisecond)
+	if n() != 2 {
+		t.Fatalf("%d loads without a change", n())
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+}
