@@ -48,6 +48,7 @@ type dump struct {
 	Node        string         `json:"node"`
 	Workloads   []dumpWorkload `json:"workloads"`
 	Policies    []string       `json:"policies"`
+	Objects     []string       `json:"objects"`
 	OpenInbound int            `json:"open_inbound_connections"`
 }
 
@@ -79,6 +80,9 @@ func (a *Agent) configDump() dump {
 	})
 	for _, p := range snap.Policies() {
 		d.Policies = append(d.Policies, p.String())
+	}
+	for _, o := range snap.Objects() {
+		d.Objects = append(d.Objects, o.Key().String())
 	}
 	return d
 }

@@ -1,0 +1,137 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"strings"
+
+	"github.com/veilmesh/veil/lab"
+)
+
+const labUsage = `veilctl lab: a veil mesh in network namespaces on this machine (root).
+
+  veilctl lab up [-f SPEC] [--name NAME]    build the lab (default: Bookinfo, name "demo") and start
+                                            a controller, an agent per node, an application per pod
+  veilctl lab status [--name NAME]          processes, nodes, pods, services and their addresses
+  veilctl lab exec [--name NAME] POD -- CMD run CMD in a pod's network namespace (POD = ns/name or name)
+  veilctl lab apply [--name NAME] -f FILE   add security.istio.io policies (validated first)
+  veilctl lab delete [--name NAME] -f FILE  remove what apply added from FILE
+  veilctl lab demo [--name NAME]            up, run the Istio documentation's scenarios, down
+  veilctl lab down [--name NAME]            remove everything the lab created, even after a crash
+
+Binaries are taken from the directory of veilctl (make build puts them in bin/); --bin-dir overrides.
+`
+
+func labCmd(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) error {
+	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" {
+		fmt.Fprint(stdout, labUsage)
+		return nil
+	}
+	sub, args := args[0], args[1:]
+	fs := flag.NewFlagSet("veilctl lab "+sub, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	name := fs.String("name", lab.DefaultSpec().Name, "lab name")
+	binDir := fs.String("bin-dir", "", "directory holding veil-controller, veil-agent and veilctl (default: veilctl's)")
+	file := fs.String("f", "", "file (spec for up; policies for apply and delete)")
+	var listens multiFlag
+	if sub == "app" {
+		// veilctl lab app --name NS/POD --listen :9080 ...: the application the lab runs in pods.
+		fs = flag.NewFlagSet("veilctl lab app", flag.ContinueOnError)
+		fs.SetOutput(stderr)
+		pod := fs.String("name", "", "the pod's namespace/name")
+		fs.Var(&listens, "listen", "address to serve on; repeatable")
+		if err := fs.Parse(args); err != nil {
+			return err
+		}
+		return lab.ServeApp(ctx, *pod, listens)
+	}
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	opts := lab.Options{BinDir: *binDir, Log: stdout}
+	switch sub {
+	case "up":
+		spec := lab.DefaultSpec()
+		if *file != "" {
+			var err error
+			if spec, err = lab.LoadSpec(*file); err != nil {
+				return err
+			}
+		}
+		if isFlagSet(fs, "name") {
+			spec.Name = *name
+		}
+		l, err := lab.Up(ctx, spec, opts)
+		if err != nil {
+			return err
+		}
+		fmt.Fprint(stdout, l.Status())
+		return nil
+	case "down":
+		return lab.Down(*name, opts)
+	case "demo":
+		return lab.Demo(ctx, *name, opts, stdout)
+	}
+	l, err := lab.Open(*name, opts)
+	if err != nil {
+		return err
+	}
+	switch sub {
+	case "status":
+		fmt.Fprint(stdout, l.Status())
+		return nil
+	case "apply", "delete":
+		if *file == "" {
+			return fmt.Errorf("lab %s: -f FILE is required", sub)
+		}
+		if sub == "delete" {
+			return l.Delete(*file)
+		}
+		data, err := os.ReadFile(*file)
+		if err != nil {
+			return err
+		}
+		if err := l.Apply(*file, data); err != nil {
+			return err
+		}
+		fmt.Fprintf(stdout, "applied %s to lab %s\n", *file, l.Spec.Name)
+		return nil
+	case "exec":
+		rest := fs.Args()
+		if len(rest) < 2 {
+			return errors.New("lab exec: want POD -- COMMAND [ARGS...]")
+		}
+		pod, argv := rest[0], rest[1:]
+		if argv[0] == "--" {
+			argv = argv[1:]
+		}
+		err := l.Exec(ctx, pod, argv, stdin, stdout, stderr)
+		var ee *exec.ExitError
+		if errors.As(err, &ee) {
+			return fmt.Errorf("lab exec: %s exited with %d", strings.Join(argv, " "), ee.ExitCode())
+		}
+		return err
+	}
+	fmt.Fprint(stderr, labUsage)
+	return fmt.Errorf("lab: unknown command %q", sub)
+}
+
+type multiFlag []string
+
+func (m *multiFlag) String() string     { return strings.Join(*m, ",") }
+func (m *multiFlag) Set(s string) error { *m = append(*m, s); return nil }
+
+func isFlagSet(fs *flag.FlagSet, name string) bool {
+	set := false
+	fs.Visit(func(f *flag.Flag) {
+		if f.Name == name {
+			set = true
+		}
+	})
+	return set
+}

@@ -1,0 +1,325 @@
+package lab
+
+import (
+	"context"
+	"embed"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/veilmesh/veil/policy"
+)
+
+//go:embed demo/*.yaml
+var demoPolicies embed.FS
+
+// Outcome is what a client in a pod observed: "200" (any status code), "reset",
+// "timeout", or "error: ...".
+type Outcome struct {
+	Result string
+	Body   string
+}
+
+// Request makes an HTTP GET from inside a pod to addr, as its application would.
+func (l *Lab) Request(ctx context.Context, from, addr string) Outcome {
+	p, err := l.Spec.Pod(from)
+	if err != nil {
+		return Outcome{Result: "error: " + err.Error()}
+	}
+	ns := l.podNS(p)
+	client := &http.Client{
+		Timeout: 5 * time.Second,
+		Transport: &http.Transport{
+			DialContext:       func(ctx context.Context, _, a string) (net.Conn, error) { return dialIn(ctx, ns, a) },
+			DisableKeepAlives: true,
+		},
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr+"/", nil)
+	if err != nil {
+		return Outcome{Result: "error: " + err.Error()}
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		var ne net.Error
+		switch {
+		case errors.Is(err, syscall.ECONNRESET), errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF):
+			return Outcome{Result: "reset"}
+		case errors.As(err, &ne) && ne.Timeout():
+			return Outcome{Result: "timeout"}
+		}
+		return Outcome{Result: "error: " + err.Error()}
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	return Outcome{Result: fmt.Sprint(resp.StatusCode), Body: strings.TrimSpace(string(body))}
+}
+
+// probe is one request of a scenario and the result Istio's semantics call for.
+type probe struct {
+	from, to string // pod; "pod:port" or "svc/name"
+	want     string
+	why      string
+}
+
+// scenario applies demo policies (files of demo/) and checks probes.
+type scenario struct {
+	title  string
+	apply  []string
+	probes []probe
+	note   string
+}
+
+var scenarios = []scenario{
+	{
+		title: "mesh-to-mesh HTTP works, over mTLS with both identities",
+		probes: []probe{
+			{"bookinfo/productpage", "svc/reviews", "200", "HBONE between node-1 and node-2"},
+			{"bookinfo/reviews", "ratings:9080", "200", "same node, still through the destination's policy"},
+		},
+	},
+	{
+		title: "STRICT mTLS in bookinfo (peer-auth-namespace-strict.yaml)",
+		apply: []string{"peer-auth-namespace-strict.yaml"},
+		probes: []probe{
+			{"legacy/sleep", "reviews:9080", "reset", "plaintext from outside the mesh"},
+			{"bookinfo/productpage", "reviews:9080", "200", "mTLS"},
+		},
+	},
+	{
+		title: "workload PERMISSIVE with port-level STRICT/DISABLE (peer-auth-ratings-port-level.yaml)",
+		apply: []string{"peer-auth-ratings-port-level.yaml"},
+		probes: []probe{
+			{"legacy/sleep", "ratings:9080", "reset", "port 9080 is STRICT"},
+			{"legacy/sleep", "ratings:8080", "200", "port 8080 is DISABLE, which ambient treats as PERMISSIVE"},
+			{"bookinfo/productpage", "ratings:9080", "200", "mTLS"},
+		},
+	},
+	{
+		title: "zero trust: deny-all, then allow frontend -> reviews and reviews -> ratings (zero-trust-l4.yaml)",
+		apply: []string{"zero-trust-l4.yaml"},
+		probes: []probe{
+			{"bookinfo/frontend", "reviews:9080", "200", "allowed by principal"},
+			{"bookinfo/reviews", "ratings:9080", "200", "allowed by principal"},
+			{"bookinfo/frontend", "ratings:9080", "reset", "no ALLOW policy matched"},
+			{"bookinfo/productpage", "reviews:9080", "reset", "no ALLOW policy matched"},
+		},
+	},
+	{
+		title: "the documentation's zero-trust.yaml, whose allows need HTTP (methods: GET)",
+		apply: []string{"zero-trust.yaml"},
+		probes: []probe{
+			{"bookinfo/frontend", "reviews:9080", "reset", "at L4 the GET-only ALLOW rule is dropped: fails closed, as ztunnel"},
+		},
+		note: "methods, paths and requestPrincipals need a waypoint (not built yet); without one the agent fails closed",
+	},
+	{
+		title: "DENY from namespace legacy (authz-deny-external.yaml)",
+		apply: []string{"authz-deny-external.yaml"},
+		probes: []probe{
+			{"legacy/meshed-sleep", "reviews:9080", "reset", "in the mesh: its mTLS identity names namespace legacy"},
+			{"legacy/sleep", "reviews:9080", "200", "plaintext has no identity, so `namespaces` cannot match; add STRICT to shut it out"},
+		},
+	},
+}
+
+// target resolves "pod:port" or "svc/name" to an address.
+func (l *Lab) target(to string) (string, error) {
+	if name, ok := strings.CutPrefix(to, "svc/"); ok {
+		for i, svc := range l.Spec.Services {
+			if svc.Name == name {
+				return net.JoinHostPort(l.Spec.ServiceIP(i).String(), fmt.Sprint(svc.Port)), nil
+			}
+		}
+		return "", fmt.Errorf("no service %s", name)
+	}
+	pod, port, ok := strings.Cut(to, ":")
+	if !ok {
+		return "", fmt.Errorf("target %q: want pod:port or svc/name", to)
+	}
+	p, err := l.Spec.Pod(pod)
+	if err != nil {
+		return "", err
+	}
+	return net.JoinHostPort(l.Spec.PodIP(p).String(), port), nil
+}
+
+// RunDemo runs the Istio documentation's scenarios on a lab built from DefaultSpec and
+// prints each probe with its expected and observed result. It returns how many probes
+// did not match.
+func RunDemo(ctx context.Context, l *Lab, w io.Writer) (mismatches int, err error) {
+	for i, sc := range scenarios {
+		fmt.Fprintf(w, "\n[%d] %s\n", i+1, sc.title)
+		var objects []string
+		for _, f := range sc.apply {
+			data, err := demoPolicies.ReadFile("demo/" + f)
+			if err != nil {
+				return mismatches, err
+			}
+			if err := l.Apply(f, data); err != nil {
+				return mismatches, err
+			}
+			for _, o := range policy.Parse(f, data).Objects {
+				objects = append(objects, o.Key().String())
+			}
+		}
+		if err := l.WaitObjects(ctx, objects, nil); err != nil {
+			return mismatches, err
+		}
+		for _, pr := range sc.probes {
+			addr, err := l.target(pr.to)
+			if err != nil {
+				return mismatches, err
+			}
+			got := l.Request(ctx, pr.from, addr)
+			mark := "ok"
+			if got.Result != pr.want {
+				mark = "MISMATCH"
+				mismatches++
+			}
+			fmt.Fprintf(w, "    %-22s -> %-22s expected %-6s observed %-6s %-8s %s\n", pr.from, pr.to+" ("+addr+")", pr.want, got.Result, mark, pr.why)
+			if got.Body != "" {
+				fmt.Fprintf(w, "        %s\n", got.Body)
+			}
+		}
+		if i == 0 {
+			if err := l.showMTLS(ctx, w); err != nil {
+				fmt.Fprintf(w, "    MISMATCH: %v\n", err)
+				mismatches++
+			}
+		}
+		if sc.note != "" {
+			fmt.Fprintf(w, "    note: %s\n", sc.note)
+		}
+		for _, f := range sc.apply {
+			if err := l.Delete(f); err != nil {
+				return mismatches, err
+			}
+		}
+		if err := l.WaitObjects(ctx, nil, objects); err != nil {
+			return mismatches, err
+		}
+	}
+	return mismatches, nil
+}
+
+// showMTLS prints each agent's certificates and checks the HBONE connection of the
+// first scenario was counted as mutual TLS with the source's identity.
+func (l *Lab) showMTLS(ctx context.Context, w io.Writer) error {
+	for _, node := range l.Spec.Nodes {
+		body, err := l.NodeGet(ctx, node, "127.0.0.1:15000", "/certs")
+		if err != nil {
+			return err
+		}
+		var states []struct {
+			ID, State string
+			NotAfter  time.Time `json:"not_after"`
+		}
+		if err := json.Unmarshal(body, &states); err != nil {
+			return err
+		}
+		for _, s := range states {
+			fmt.Fprintf(w, "    %s agent holds %s (%s, expires %s)\n", node, s.ID, s.State, s.NotAfter.Format(time.RFC3339))
+		}
+	}
+	metrics, err := l.NodeGet(ctx, "node-2", "127.0.0.1:15020", "/metrics")
+	if err != nil {
+		return err
+	}
+	for _, line := range strings.Split(string(metrics), "\n") {
+		if strings.HasPrefix(line, "istio_tcp_connections_opened_total{") && strings.Contains(line, `connection_security_policy="mutual_tls"`) &&
+			strings.Contains(line, `source_principal="spiffe://cluster.local/ns/bookinfo/sa/productpage"`) && strings.Contains(line, `reporter="destination"`) {
+			fmt.Fprintf(w, "    node-2 agent: %s\n", line)
+			return nil
+		}
+	}
+	return errors.New("node-2's agent counted no mutual_tls connection from productpage")
+}
+
+// WaitObjects waits until every agent's config holds the present objects ("Kind
+// ns/name") and none of the absent ones.
+func (l *Lab) WaitObjects(ctx context.Context, present, absent []string) error {
+	if len(present)+len(absent) == 0 {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	defer cancel()
+	for _, node := range l.Spec.Nodes {
+		for {
+			body, err := l.NodeGet(ctx, node, "127.0.0.1:15000", "/config_dump")
+			if err == nil {
+				var d struct{ Objects []string }
+				if err = json.Unmarshal(body, &d); err == nil && holds(d.Objects, present, absent) {
+					break
+				}
+			}
+			select {
+			case <-ctx.Done():
+				return fmt.Errorf("lab: %s's agent did not pick up the config change (present %v, absent %v): %v", node, present, absent, err)
+			case <-time.After(50 * time.Millisecond):
+			}
+		}
+	}
+	return nil
+}
+
+func holds(have, present, absent []string) bool {
+	set := map[string]bool{}
+	for _, h := range have {
+		set[h] = true
+	}
+	for _, p := range present {
+		if !set[p] {
+			return false
+		}
+	}
+	for _, a := range absent {
+		if set[a] {
+			return false
+		}
+	}
+	return true
+}
+
+// Demo builds the default lab under name, runs the scenarios, and tears it down. The
+// error reports a lab that failed or scenarios that did not match.
+func Demo(ctx context.Context, name string, opts Options, w io.Writer) error {
+	spec := DefaultSpec()
+	if name != "" {
+		spec.Name = name
+	}
+	opts.Log = w
+	_ = Down(spec.Name, opts) // a previous run that crashed
+	l, err := Up(ctx, spec, opts)
+	if err != nil {
+		return err
+	}
+	fmt.Fprint(w, l.Status())
+	mismatches, runErr := RunDemo(ctx, l, w)
+	if mismatches > 0 || runErr != nil {
+		fmt.Fprintf(w, "\nlogs of the lab's processes before teardown: %s\n", l.path("logs"))
+		for _, f := range []string{"agent-node-1", "agent-node-2", "controller"} {
+			if b, err := os.ReadFile(l.path("logs", f+".log")); err == nil {
+				if len(b) > 3000 {
+					b = b[len(b)-3000:]
+				}
+				fmt.Fprintf(w, "--- %s (last lines)\n%s\n", f, b)
+			}
+		}
+	}
+	downErr := Down(spec.Name, opts)
+	if runErr != nil {
+		return errors.Join(runErr, downErr)
+	}
+	if mismatches > 0 {
+		return errors.Join(fmt.Errorf("demo: %d probe(s) did not match", mismatches), downErr)
+	}
+	fmt.Fprintln(w, "\ndemo: every scenario matched; lab torn down")
+	return downErr
+}

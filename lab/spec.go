@@ -1,0 +1,269 @@
+package lab
+
+import (
+	_ "embed"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"regexp"
+	"sort"
+	"strings"
+
+	"sigs.k8s.io/yaml"
+)
+
+// Spec describes a lab: nodes, namespaces, pods and services. Addresses are assigned by
+// the lab, as a routed CNI would: node i is 10.99.0.(i+1) on the fabric, its pods
+// 10.100.(i+1).(10+k)/32, services 10.96.0.(10+n).
+type Spec struct {
+	Name       string          `json:"name"`
+	Nodes      []string        `json:"nodes"`
+	Namespaces []NamespaceSpec `json:"namespaces"`
+	Pods       []PodSpec       `json:"pods"`
+	Services   []ServiceSpec   `json:"services"`
+}
+
+// NamespaceSpec is a namespace and its labels (istio.io/dataplane-mode=ambient enrolls it).
+type NamespaceSpec struct {
+	Name   string            `json:"name"`
+	Labels map[string]string `json:"labels,omitempty"`
+}
+
+// PodSpec is a pod running the lab's application on Ports (default [9080]).
+type PodSpec struct {
+	Name           string            `json:"name"`
+	Namespace      string            `json:"namespace"`
+	ServiceAccount string            `json:"serviceAccount,omitempty"`
+	Node           string            `json:"node"`
+	Labels         map[string]string `json:"labels,omitempty"`
+	Ports          []uint16          `json:"ports,omitempty"`
+}
+
+// ServiceSpec is a ClusterIP Service with one port.
+type ServiceSpec struct {
+	Name       string            `json:"name"`
+	Namespace  string            `json:"namespace"`
+	Port       uint16            `json:"port"`
+	TargetPort uint16            `json:"targetPort,omitempty"`
+	Selector   map[string]string `json:"selector"`
+}
+
+//go:embed default.yaml
+var defaultSpec []byte
+
+// DefaultSpec is the Bookinfo-shaped lab of `make demo`.
+func DefaultSpec() *Spec {
+	s, err := ParseSpec(defaultSpec)
+	if err != nil {
+		panic("lab: default spec: " + err.Error())
+	}
+	return s
+}
+
+// LoadSpec reads a spec file.
+func LoadSpec(path string) (*Spec, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	s, err := ParseSpec(b)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return s, nil
+}
+
+var dnsLabel = regexp.MustCompile(`^[a-z0-9]([-a-z0-9]*[a-z0-9])?$`)
+
+// ParseSpec decodes and checks a spec; unknown fields are errors.
+func ParseSpec(b []byte) (*Spec, error) {
+	var s Spec
+	if err := yaml.UnmarshalStrict(b, &s); err != nil {
+		return nil, fmt.Errorf("lab spec: %w", err)
+	}
+	return &s, s.validate()
+}
+
+func (s *Spec) validate() error {
+	var errs []error
+	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf("lab spec: "+format, args...)) }
+	if !dnsLabel.MatchString(s.Name) || len(s.Name) > 12 {
+		bad("name %q: want a DNS label of at most 12 characters", s.Name)
+	}
+	if len(s.Nodes) == 0 || len(s.Nodes) > 200 {
+		bad("nodes: want 1 to 200 nodes, got %d", len(s.Nodes))
+	}
+	nodes := map[string]bool{}
+	for i, n := range s.Nodes {
+		if !dnsLabel.MatchString(n) || nodes[n] {
+			bad("nodes[%d]: %q is not a DNS label or is repeated", i, n)
+		}
+		nodes[n] = true
+	}
+	nss := map[string]bool{}
+	for i, ns := range s.Namespaces {
+		if !dnsLabel.MatchString(ns.Name) || nss[ns.Name] {
+			bad("namespaces[%d].name: %q is not a DNS label or is repeated", i, ns.Name)
+		}
+		nss[ns.Name] = true
+	}
+	pods := map[string]bool{}
+	perNode := map[string]int{}
+	for i := range s.Pods {
+		p := &s.Pods[i]
+		key := p.Namespace + "/" + p.Name
+		switch {
+		case !dnsLabel.MatchString(p.Name) || pods[key]:
+			bad("pods[%d].name: %q is not a DNS label or is repeated", i, p.Name)
+		case !nss[p.Namespace]:
+			bad("pods[%d].namespace: %q is not in namespaces", i, p.Namespace)
+		case !nodes[p.Node]:
+			bad("pods[%d].node: %q is not in nodes", i, p.Node)
+		}
+		pods[key] = true
+		if perNode[p.Node]++; perNode[p.Node] > 200 {
+			bad("pods[%d]: more than 200 pods on node %s", i, p.Node)
+		}
+		if p.ServiceAccount == "" {
+			p.ServiceAccount = "default"
+		}
+		if len(p.Ports) == 0 {
+			p.Ports = []uint16{9080}
+		}
+		for j, port := range p.Ports {
+			if port == 0 || port == 15001 || port == 15006 || port == 15008 {
+				bad("pods[%d].ports[%d]: %d is not usable (0 or an agent port)", i, j, port)
+			}
+		}
+	}
+	for i := range s.Services {
+		svc := &s.Services[i]
+		switch {
+		case !dnsLabel.MatchString(svc.Name):
+			bad("services[%d].name: %q is not a DNS label", i, svc.Name)
+		case !nss[svc.Namespace]:
+			bad("services[%d].namespace: %q is not in namespaces", i, svc.Namespace)
+		case svc.Port == 0:
+			bad("services[%d].port: required", i)
+		case len(svc.Selector) == 0:
+			bad("services[%d].selector: required", i)
+		}
+		if svc.TargetPort == 0 {
+			svc.TargetPort = svc.Port
+		}
+	}
+	if len(s.Services) > 200 {
+		bad("services: at most 200")
+	}
+	return errors.Join(errs...)
+}
+
+// nodeIndex is a node's position, from 0.
+func (s *Spec) nodeIndex(node string) int {
+	for i, n := range s.Nodes {
+		if n == node {
+			return i
+		}
+	}
+	return -1
+}
+
+// NodeIP is a node's fabric address.
+func (s *Spec) NodeIP(node string) netip.Addr {
+	return netip.AddrFrom4([4]byte{10, 99, 0, byte(s.nodeIndex(node) + 1)})
+}
+
+// ControllerIP is the controller's address on the fabric.
+func ControllerIP() netip.Addr { return netip.MustParseAddr("10.99.0.254") }
+
+// PodIP is a pod's address.
+func (s *Spec) PodIP(p *PodSpec) netip.Addr {
+	k := 0
+	for i := range s.Pods {
+		if &s.Pods[i] == p {
+			break
+		}
+		if s.Pods[i].Node == p.Node {
+			k++
+		}
+	}
+	return netip.AddrFrom4([4]byte{10, 100, byte(s.nodeIndex(p.Node) + 1), byte(10 + k)})
+}
+
+// gateway is the node-side address pods on node use as their next hop.
+func (s *Spec) gateway(node string) netip.Addr {
+	return netip.AddrFrom4([4]byte{10, 100, byte(s.nodeIndex(node) + 1), 1})
+}
+
+// ServiceIP is a Service's ClusterIP.
+func (s *Spec) ServiceIP(i int) netip.Addr { return netip.AddrFrom4([4]byte{10, 96, 0, byte(10 + i)}) }
+
+// Pod finds a pod by "namespace/name", or by name when it is unique.
+func (s *Spec) Pod(ref string) (*PodSpec, error) {
+	ns, name, qualified := strings.Cut(ref, "/")
+	if !qualified {
+		name = ns
+	}
+	var found []*PodSpec
+	for i := range s.Pods {
+		p := &s.Pods[i]
+		if p.Name == name && (!qualified || p.Namespace == ns) {
+			found = append(found, p)
+		}
+	}
+	switch len(found) {
+	case 0:
+		return nil, fmt.Errorf("no pod %q in lab %s", ref, s.Name)
+	case 1:
+		return found[0], nil
+	}
+	return nil, fmt.Errorf("pod name %q is ambiguous: say namespace/name", ref)
+}
+
+// ClusterYAML renders the lab's Namespaces, Pods and Services as Kubernetes manifests,
+// the controller's and agents' view of the cluster.
+func (s *Spec) ClusterYAML() []byte {
+	var b strings.Builder
+	doc := func(v any) {
+		y, err := yaml.Marshal(v)
+		if err != nil {
+			panic(err)
+		}
+		b.WriteString("---\n")
+		b.Write(y)
+	}
+	for _, ns := range s.Namespaces {
+		doc(map[string]any{"apiVersion": "v1", "kind": "Namespace", "metadata": map[string]any{"name": ns.Name, "labels": ns.Labels}})
+	}
+	for i := range s.Pods {
+		p := &s.Pods[i]
+		var ports []map[string]any
+		for _, port := range p.Ports {
+			ports = append(ports, map[string]any{"containerPort": port})
+		}
+		doc(map[string]any{
+			"apiVersion": "v1", "kind": "Pod",
+			"metadata": map[string]any{"name": p.Name, "namespace": p.Namespace, "labels": p.Labels},
+			"spec": map[string]any{"serviceAccountName": p.ServiceAccount, "nodeName": p.Node,
+				"containers": []map[string]any{{"name": "app", "ports": ports}}},
+			"status": map[string]any{"podIP": s.PodIP(p).String(), "conditions": []map[string]any{{"type": "Ready", "status": "True"}}},
+		})
+	}
+	for i, svc := range s.Services {
+		doc(map[string]any{
+			"apiVersion": "v1", "kind": "Service",
+			"metadata": map[string]any{"name": svc.Name, "namespace": svc.Namespace},
+			"spec": map[string]any{"clusterIP": s.ServiceIP(i).String(), "selector": svc.Selector,
+				"ports": []map[string]any{{"port": svc.Port, "targetPort": svc.TargetPort}}},
+		})
+	}
+	return []byte(b.String())
+}
+
+// sortedNodes returns node names in order, for stable output.
+func (s *Spec) sortedNodes() []string {
+	n := append([]string(nil), s.Nodes...)
+	sort.Strings(n)
+	return n
+}
