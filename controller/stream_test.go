@@ -5,8 +5,10 @@ import (
 	"context"
 	"log/slog"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -386,4 +388,35 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
+}
+
+func benchConfig(n int, ipByte byte) *Config {
+	st := &cluster.State{Namespaces: map[string]*cluster.Namespace{"bookinfo": {Name: "bookinfo"}}}
+	for i := 0; i < n; i++ {
+		st.Pods = append(st.Pods, &cluster.Pod{Namespace: "bookinfo", Name: "pod-" + strconv.Itoa(i), ServiceAccount: "sa", Node: "node-1",
+			Labels: map[string]string{"app": "a" + strconv.Itoa(i%50)}, Ready: true,
+			IPs: []netip.Addr{netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)})}})
+	}
+	st.Pods[0].IPs[0] = netip.AddrFrom4([4]byte{10, 255, 255, ipByte})
+	return &Config{Cluster: st}
+}
+
+// BenchmarkStreamSet10k is the controller's cost of a change in a 10k-workload config:
+// convert, diff, publish (one workload changed), and build the delta and a full push.
+func BenchmarkStreamSet10k(b *testing.B) {
+	cfgs := [2]*Config{benchConfig(10000, 1), benchConfig(10000, 2)}
+	var s ConfigServer
+	s.Set(cfgs[0])
+	b.ReportAllocs()
+	for i := 0; b.Loop(); i++ {
+		v, _ := s.Set(cfgs[(i+1)%2])
+		if p, _ := s.push(v - 1); p.Full || len(p.Resources) != 1 {
+			b.Fatalf("delta of %d resources", len(p.Resources))
+		}
+	}
+	b.StopTimer()
+	start := time.Now()
+	p, _ := s.push(0)
+	b.ReportMetric(float64(time.Since(start).Microseconds()), "µs/full-push-build")
+	b.ReportMetric(float64(len(p.Resources)), "resources")
 }
