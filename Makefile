@@ -4,7 +4,7 @@ PKGS     ?= ./...
 BENCHTIME ?= 1s
 BIN      := bin
 
-.PHONY: all build generate check-generate test unit check fmt fmt-check vet bench fuzz clean help
+.PHONY: all build generate check-generate test unit check fmt fmt-check vet bench fuzz demo clean help
 
 all: build
 
@@ -13,6 +13,9 @@ help: ## list the targets
 
 build: ## build every binary into bin/
 	$(GO) build -o $(BIN)/ ./cmd/...
+
+demo: build ## the lab mesh with the Istio docs' scenarios (root; tears down after itself)
+	$(BIN)/veilctl lab demo
 
 generate: ## regenerate committed generated code (bpf2go, protoc)
 	$(GO) generate ./...

@@ -82,14 +82,24 @@ func newNS(t *testing.T, role string) *netNS {
 func (n *netNS) do(f func() error) error {
 	errc := make(chan error, 1)
 	go func() {
-		// The thread is never unlocked: Go discards it when the goroutine exits, so no
-		// other goroutine ever runs in this namespace by accident.
 		runtime.LockOSThread()
+		// Back to the original namespace and unlocked afterwards; a thread that cannot
+		// go back stays locked and Go discards it with this goroutine.
+		orig, err := netns.Get()
+		if err != nil {
+			errc <- err
+			return
+		}
+		defer orig.Close()
 		if err := netns.Set(n.handle); err != nil {
 			errc <- fmt.Errorf("setns %s: %w", n.name, err)
 			return
 		}
-		errc <- f()
+		ferr := f()
+		if netns.Set(orig) == nil {
+			runtime.UnlockOSThread()
+		}
+		errc <- ferr
 	}()
 	return <-errc
 }

@@ -86,6 +86,9 @@ func Up(ctx context.Context, spec *Spec, opts Options) (*Lab, error) {
 	if err := spec.validate(); err != nil {
 		return nil, err
 	}
+	if os.Geteuid() != 0 {
+		return nil, errors.New("lab: needs root (network namespaces, eBPF, bpffs): run it with sudo, e.g. `sudo make demo`")
+	}
 	for _, bin := range []string{"veil-controller", "veil-agent", "veilctl"} {
 		if _, err := os.Stat(filepath.Join(opts.BinDir, bin)); err != nil {
 			return nil, fmt.Errorf("lab: %s not found in %s: run `make build` (or pass the directory that holds it)", bin, opts.BinDir)
@@ -503,12 +506,13 @@ func Down(name string, opts Options) error {
 			mine = append(mine, n)
 		}
 	}
-	// Processes first, politely then firmly.
+	// Processes first, politely then firmly; never this one, whose threads may visit.
+	self := os.Getpid()
 	for _, sig := range []syscall.Signal{syscall.SIGTERM, syscall.SIGKILL} {
 		alive := false
 		for _, n := range mine {
 			for _, p := range netnsPids(n) {
-				if pid, err := strconv.Atoi(p); err == nil {
+				if pid, err := strconv.Atoi(p); err == nil && pid != self {
 					syscall.Kill(pid, sig)
 					alive = true
 				}
@@ -520,7 +524,11 @@ func Down(name string, opts Options) error {
 		for range 50 {
 			left := 0
 			for _, n := range mine {
-				left += len(netnsPids(n))
+				for _, p := range netnsPids(n) {
+					if p != strconv.Itoa(self) {
+						left++
+					}
+				}
 			}
 			if left == 0 {
 				break

@@ -16,11 +16,19 @@ import (
 func inNetns(name string, f func() error) error {
 	errc := make(chan error, 1)
 	go func() {
-		// The thread is never unlocked: Go discards it when the goroutine exits, so no
-		// other goroutine inherits the namespace.
 		runtime.LockOSThread()
+		// The thread goes back to its namespace and is unlocked; if it cannot go back it
+		// stays locked, and Go discards it with this goroutine. (Left in the lab's
+		// namespace, the main thread would make `ip netns pids` count this process.)
+		orig, err := netns.Get()
+		if err != nil {
+			errc <- fmt.Errorf("current network namespace: %w", err)
+			return
+		}
+		defer orig.Close()
 		h, err := netns.GetFromName(name)
 		if err != nil {
+			runtime.UnlockOSThread()
 			errc <- fmt.Errorf("network namespace %s: %w", name, err)
 			return
 		}
@@ -29,7 +37,11 @@ func inNetns(name string, f func() error) error {
 			errc <- fmt.Errorf("enter network namespace %s: %w", name, err)
 			return
 		}
-		errc <- f()
+		ferr := f()
+		if netns.Set(orig) == nil {
+			runtime.UnlockOSThread()
+		}
+		errc <- ferr
 	}()
 	return <-errc
 }
