@@ -20,12 +20,17 @@ demo: build ## the lab mesh with the Istio docs' scenarios (root; tears down aft
 generate: ## regenerate committed generated code (bpf2go, protoc)
 	$(GO) generate ./...
 
-check-generate: ## fail if the committed bpf2go output is not what bpf/capture.c compiles to (needs clang, llvm-strip, libbpf-dev)
+check-generate: ## fail if committed generated code is stale: bpf2go output of bpf/capture.c (needs clang, llvm-strip, libbpf-dev), api/*.pb.go of api/*.proto (needs protoc)
 	$(GO) generate ./bpf/...
 	@if ! git diff --quiet -- 'bpf/*_bpfe[lb].go' 'bpf/*_bpfe[lb].o' || \
 		[ -n "$$(git ls-files --others --exclude-standard -- 'bpf/*_bpfe[lb].go' 'bpf/*_bpfe[lb].o')" ]; then \
 		echo "check-generate: committed bpf2go output is stale; run 'make generate' and commit:"; \
 		git status --short -- 'bpf/*_bpfe[lb].go' 'bpf/*_bpfe[lb].o'; exit 1; fi
+	$(GO) generate ./api/...
+	@if ! git diff --quiet -- 'api/*.pb.go' || \
+		[ -n "$$(git ls-files --others --exclude-standard -- 'api/*.pb.go')" ]; then \
+		echo "check-generate: committed protoc output is stale; run 'make generate' and commit:"; \
+		git status --short -- 'api/*.pb.go'; exit 1; fi
 
 test: check check-generate unit ## the README's test command: gofmt check, go vet, generated code current, all tests
 
