@@ -92,6 +92,8 @@ func TestControllerRejectsBadFlags(t *testing.T) {
 		{"--node-tokens", "x", "--pods", "y", "--trust-domain", "Not A Domain"},
 		{"--node-tokens", "x", "--pods", "y", "--max-ttl", "1s"},
 		{"--node-tokens", "x", "--pods", "y", "extra"},
+		{"--node-tokens", "x", "--pods", "y", "--config-dir", "z"},
+		{"--node-tokens", "x", "--config-dir", "y", "--poll-interval", "0s"},
 	} {
 		if err := run(context.Background(), args, io.Discard, io.Discard); err == nil {
 			t.Errorf("run(%q) succeeded", args)

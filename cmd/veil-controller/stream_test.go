@@ -1,0 +1,110 @@
+package main
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/veilmesh/veil/api"
+	"github.com/veilmesh/veil/identity"
+)
+
+// TestControllerServesConfigStreamFromConfigDir runs the binary's run on a config
+// directory: an agent's subscription gets the directory, a change to it arrives as a
+// delta, and the CA's placement follows the same change.
+func TestControllerServesConfigStreamFromConfigDir(t *testing.T) {
+	dir := t.TempDir()
+	caDir, cfgDir := filepath.Join(dir, "ca"), filepath.Join(dir, "config")
+	tokens := filepath.Join(dir, "tokens.yaml")
+	if err := os.WriteFile(tokens, []byte("node-1: node-1-token-0123456789\nnode-2: node-2-token-0123456789\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	pods, err := os.ReadFile("testdata/pods/bookinfo.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Mkdir(cfgDir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	write := func(name, data string) {
+		if err := os.WriteFile(filepath.Join(cfgDir, name), []byte(data), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("pods.yaml", string(pods))
+	addr, stop := start(t, "--ca-dir", caDir, "--node-tokens", tokens, "--config-dir", cfgDir, "--listen", "127.0.0.1:0", "--poll-interval", "20ms")
+	defer stop()
+	roots, err := os.ReadFile(filepath.Join(caDir, identity.RootCertFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rootCerts, err := identity.ParseCertificates(roots)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dial := func(token string) api.ConfigServiceClient {
+		conn, err := identity.DialCA(addr, "veil-controller", rootCerts, token)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { conn.Close() })
+		return api.NewConfigServiceClient(conn)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	stream, err := dial("node-2-token-0123456789").Subscribe(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := stream.Send(&api.AgentMessage{Message: &api.AgentMessage_Subscribe{Subscribe: &api.Subscribe{Node: "node-2"}}}); err != nil {
+		t.Fatal(err)
+	}
+	p, err := stream.Recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !p.Full || len(p.Resources) == 0 {
+		t.Fatalf("first push: full=%v, %d resources", p.Full, len(p.Resources))
+	}
+	stream.Send(&api.AgentMessage{Message: &api.AgentMessage_Ack{Ack: &api.Ack{Version: p.Version}}})
+
+	// node-2 may not obtain reviews' identity until reviews moves there.
+	issue := func() error {
+		conn, err := identity.DialCA(addr, "veil-controller", rootCerts, "node-2-token-0123456789")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		id, _ := identity.ParseID("spiffe://cluster.local/ns/bookinfo/sa/bookinfo-reviews")
+		key, csr, err := identity.NewCSR(id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, err = identity.NewClient(conn).Issue(ctx, id, csr, key, time.Hour)
+		return err
+	}
+	if err := issue(); err == nil {
+		t.Fatal("node-2 obtained the identity of node-1's pod")
+	}
+	write("pods.yaml", strings.ReplaceAll(string(pods), "nodeName: node-1", "nodeName: node-2"))
+	write("deny-all.yaml", "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-all, namespace: bookinfo}\nspec: {}\n")
+	p, err = stream.Recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, r := range p.Resources {
+		got = append(got, r.Key().String())
+	}
+	if p.Full || !strings.Contains(strings.Join(got, ","), "WORKLOAD bookinfo/reviews-v1-7d8f") {
+		t.Fatalf("after the change: full=%v keys=%v; want a delta moving reviews", p.Full, got)
+	}
+	// The placement is updated before agents see the change: the delta that moves a pod
+	// (the first, or the only one if both writes landed in one poll) comes after it.
+	if err := issue(); err != nil {
+		t.Fatalf("after reviews moved to node-2, node-2 asking for its identity: %v", err)
+	}
+}
