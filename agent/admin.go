@@ -4,7 +4,11 @@ import (
 	"encoding/json"
 	"net/http"
 	"net/http/pprof"
+	"net/netip"
 	"sort"
+	"strconv"
+
+	"github.com/veilmesh/veil/policy"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
@@ -16,8 +20,9 @@ func (a *Agent) MetricsHandler() http.Handler {
 }
 
 // AdminHandler serves the admin endpoints, meant for localhost only: /certs (each local
-// identity's certificate state), /config_dump (the workloads and policies in force) and
-// /debug/pprof/.
+// identity's certificate state), /config_dump (the workloads and policies in force),
+// /explain (a decision for a connection to a local workload, with the policy that made
+// it) and /debug/pprof/.
 func (a *Agent) AdminHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/certs", func(w http.ResponseWriter, r *http.Request) {
@@ -26,6 +31,7 @@ func (a *Agent) AdminHandler() http.Handler {
 	mux.HandleFunc("/config_dump", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, a.configDump())
 	})
+	mux.HandleFunc("/explain", a.explain)
 	mux.HandleFunc("/debug/pprof/", pprof.Index)
 	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
 	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
@@ -33,15 +39,33 @@ func (a *Agent) AdminHandler() http.Handler {
 }
 
 type dumpWorkload struct {
-	Namespace          string            `json:"namespace"`
-	Name               string            `json:"name"`
-	Identity           string            `json:"identity"`
-	IPs                []string          `json:"ips"`
-	Node               string            `json:"node"`
-	Enrolled           bool              `json:"enrolled"`
-	Local              bool              `json:"local"`
-	Labels             map[string]string `json:"labels,omitempty"`
-	PeerAuthentication string            `json:"peer_authentication,omitempty"`
+	Namespace string            `json:"namespace"`
+	Name      string            `json:"name"`
+	Identity  string            `json:"identity"`
+	IPs       []string          `json:"ips"`
+	Node      string            `json:"node"`
+	Enrolled  bool              `json:"enrolled"`
+	Local     bool              `json:"local"`
+	Labels    map[string]string `json:"labels,omitempty"`
+	// For this node's enrolled workloads: the effective mTLS and the policies in scope.
+	MTLS     *dumpMTLS `json:"mtls,omitempty"`
+	Policies []string  `json:"policies,omitempty"`
+}
+
+// dumpMTLS is a workload's PeerAuthentication outcome: the mode the agent enforces
+// (DISABLE acts as PERMISSIVE in ambient), the configured one, and who decided it.
+type dumpMTLS struct {
+	Mode       string     `json:"mode"`
+	Configured string     `json:"configured"`
+	DecidedBy  string     `json:"decided_by"`
+	Ports      []dumpPort `json:"ports,omitempty"`
+}
+
+type dumpPort struct {
+	Port       uint32 `json:"port"`
+	Mode       string `json:"mode"`
+	Configured string `json:"configured"`
+	DecidedBy  string `json:"decided_by"`
 }
 
 type dump struct {
@@ -67,7 +91,10 @@ func (a *Agent) configDump() dump {
 			dw.IPs = append(dw.IPs, ip.String())
 		}
 		if cw := snap.Workload(w.pod.Namespace, w.pod.Name); cw != nil && w.local && w.enrolled {
-			dw.PeerAuthentication = cw.PeerAuth.AmbientMode(0).String()
+			dw.MTLS = mtlsOf(cw, w.pod.Ports)
+			for _, p := range cw.Policies {
+				dw.Policies = append(dw.Policies, p.String())
+			}
 		}
 		d.Workloads = append(d.Workloads, dw)
 	}
@@ -85,6 +112,87 @@ func (a *Agent) configDump() dump {
 		d.Objects = append(d.Objects, o.Key().String())
 	}
 	return d
+}
+
+func decidedBy(o *policy.Object) string {
+	if o == nil {
+		return "default (no PeerAuthentication sets a mode)"
+	}
+	return "PeerAuthentication " + o.Namespace + "/" + o.Name
+}
+
+// mtlsOf describes the workload's mTLS, per declared port and per port-level setting.
+func mtlsOf(cw *policy.CompiledWorkload, declared []uint16) *dumpMTLS {
+	pa := &cw.PeerAuth
+	m := &dumpMTLS{Mode: pa.AmbientMode(0).String(), Configured: pa.Mode.String(), DecidedBy: decidedBy(pa.Decider(0))}
+	ports := map[uint32]bool{}
+	for _, p := range declared {
+		ports[uint32(p)] = true
+	}
+	for _, p := range pa.Ports {
+		ports[p.Port] = true
+	}
+	list := make([]uint32, 0, len(ports))
+	for p := range ports {
+		list = append(list, p)
+	}
+	sort.Slice(list, func(i, j int) bool { return list[i] < list[j] })
+	for _, p := range list {
+		m.Ports = append(m.Ports, dumpPort{Port: p, Mode: pa.AmbientMode(p).String(), Configured: pa.PortMode(p).String(), DecidedBy: decidedBy(pa.Decider(p))})
+	}
+	return m
+}
+
+// Explanation is the answer of /explain.
+type Explanation struct {
+	Allowed  bool   `json:"allowed"`
+	Decision string `json:"decision"`
+	// Policy is the deciding policy, "namespace/name", or empty.
+	Policy      string `json:"policy,omitempty"`
+	Destination string `json:"destination"`
+	MTLS        string `json:"mtls"`
+}
+
+// explain decides a connection to a local enrolled workload:
+// /explain?dst=IP&port=N[&src=IP][&principal=spiffe://...]. No principal means plaintext.
+func (a *Agent) explain(w http.ResponseWriter, r *http.Request) {
+	q := r.URL.Query()
+	dst, err := netip.ParseAddr(q.Get("dst"))
+	if err != nil {
+		http.Error(w, "dst: "+err.Error(), http.StatusBadRequest)
+		return
+	}
+	port, err := strconv.ParseUint(q.Get("port"), 10, 16)
+	if err != nil || port == 0 {
+		http.Error(w, "port: want 1-65535", http.StatusBadRequest)
+		return
+	}
+	var src netip.Addr
+	if s := q.Get("src"); s != "" {
+		if src, err = netip.ParseAddr(s); err != nil {
+			http.Error(w, "src: "+err.Error(), http.StatusBadRequest)
+			return
+		}
+	}
+	wl := a.view.Load().localEnrolled(dst)
+	if wl == nil {
+		http.Error(w, dst.String()+" is not an enrolled pod of node "+a.opts.Node, http.StatusNotFound)
+		return
+	}
+	var peer policy.Peer
+	if p := q.Get("principal"); p != "" {
+		peer = policy.ParsePeer(p)
+	}
+	snap := a.store.Snapshot()
+	d := snap.EvaluateL4(&policy.Conn{Peer: peer, SrcIP: src, DstIP: dst, DstPort: uint16(port)})
+	e := Explanation{Allowed: d.Allowed(), Decision: d.String(), Destination: wl.String()}
+	if d.Policy != nil {
+		e.Policy = d.Policy.Namespace + "/" + d.Policy.Name
+	}
+	if cw := snap.Workload(wl.pod.Namespace, wl.pod.Name); cw != nil {
+		e.MTLS = cw.PeerAuth.AmbientMode(uint32(port)).String() + " on port " + strconv.Itoa(int(port)) + ", set by " + decidedBy(cw.PeerAuth.Decider(uint32(port)))
+	}
+	writeJSON(w, e)
 }
 
 func writeJSON(w http.ResponseWriter, v any) {

@@ -94,6 +94,29 @@ type CertState struct {
 	NextAttempt time.Time `json:"next_attempt,omitzero"`
 	Failures    int       `json:"failures,omitempty"`
 	LastError   string    `json:"last_error,omitempty"`
+	// Chain describes the certificate chain, leaf first, then the roots it verifies to.
+	Chain []CertInfo `json:"chain,omitempty"`
+}
+
+// CertInfo describes one certificate of a chain.
+type CertInfo struct {
+	Subject   string    `json:"subject"`
+	URIs      []string  `json:"uris,omitempty"`
+	Issuer    string    `json:"issuer"`
+	Serial    string    `json:"serial"`
+	NotBefore time.Time `json:"not_before"`
+	NotAfter  time.Time `json:"not_after"`
+	IsCA      bool      `json:"is_ca"`
+	Root      bool      `json:"root,omitempty"`
+}
+
+func certInfo(c *x509.Certificate, root bool) CertInfo {
+	ci := CertInfo{Subject: c.Subject.String(), Issuer: c.Issuer.String(), Serial: c.SerialNumber.Text(16),
+		NotBefore: c.NotBefore, NotAfter: c.NotAfter, IsCA: c.IsCA, Root: root}
+	for _, u := range c.URIs {
+		ci.URIs = append(ci.URIs, u.String())
+	}
+	return ci
 }
 
 // Manager obtains and renews the certificates of the workloads on a node: one key and
@@ -253,6 +276,12 @@ func (m *Manager) States() []CertState {
 			s.State = "valid"
 			if !now.Before(leaf.NotAfter) {
 				s.State = "expired"
+			}
+			for _, x := range c.Chain {
+				s.Chain = append(s.Chain, certInfo(x, false))
+			}
+			for _, x := range c.Roots {
+				s.Chain = append(s.Chain, certInfo(x, true))
 			}
 		}
 		e.mu.Lock()

@@ -30,7 +30,9 @@ type Pod struct {
 	Annotations    map[string]string
 	IPs            []netip.Addr // status.podIPs (status.podIP first)
 	HostNetwork    bool
-	// NamedPorts maps container port names to numbers, for Services' named targetPorts.
+	// Ports are the containers' declared ports; NamedPorts maps the named ones, for
+	// Services' named targetPorts.
+	Ports      []uint16
 	NamedPorts map[string]uint16
 	// Ready is the Ready condition; a pod with no conditions counts as ready (a
 	// hand-written manifest), one with Ready=False does not.

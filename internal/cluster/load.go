@@ -212,6 +212,9 @@ func (st *State) addObject(src string, o *object) error {
 		}
 		for _, c := range o.Spec.Containers {
 			for _, cp := range c.Ports {
+				if cp.ContainerPort > 0 && cp.ContainerPort <= 65535 {
+					p.Ports = append(p.Ports, uint16(cp.ContainerPort))
+				}
 				if cp.Name != "" && cp.ContainerPort > 0 && cp.ContainerPort <= 65535 {
 					if p.NamedPorts == nil {
 						p.NamedPorts = map[string]uint16{}
