@@ -99,6 +99,39 @@ func TestDemoScenarios(t *testing.T) {
 	if err != nil || mismatches != 0 {
 		t.Fatalf("demo: %d mismatches, %v", mismatches, err)
 	}
+
+	// The operator commands, as an operator runs them against this lab.
+	strict, _ := demoPolicies.ReadFile("demo/peer-auth-ratings-port-level.yaml")
+	if err := l.Apply("port-level.yaml", strict); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.WaitObjects(context.Background(), []string{"PeerAuthentication bookinfo/ratings-permissive"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	veilctl := func(cmd, args []string) string {
+		argv := append(append(append([]string(nil), cmd...), "--lab", l.Spec.Name, "--state-root", l.opts.StateRoot), args...)
+		out, err := exec.Command(filepath.Join(binDir, "veilctl"), argv...).CombinedOutput()
+		if err != nil {
+			t.Fatalf("veilctl %v: %v\n%s", argv, err, out)
+		}
+		return string(out)
+	}
+	for _, tc := range []struct {
+		cmd, args, want []string
+	}{
+		{[]string{"describe", "pod"}, []string{"bookinfo/ratings"}, []string{"Identity:  spiffe://cluster.local/ns/bookinfo/sa/ratings", "port 9080  STRICT (configured STRICT, by PeerAuthentication bookinfo/ratings-permissive)", "port 8080  PERMISSIVE (configured DISABLE"}},
+		{[]string{"describe", "pod"}, []string{"legacy/sleep"}, []string{"Mesh:      not enrolled"}},
+		{[]string{"certs"}, []string{"bookinfo/reviews"}, []string{"SPIFFE ID:    spiffe://cluster.local/ns/bookinfo/sa/reviews", "State:        valid", "Rotation:", "root"}},
+		{[]string{"policy", "explain"}, []string{"--from", "legacy/sleep", "--to", "bookinfo/ratings:9080"}, []string{"DENY", "policy:   bookinfo/converted_peer_authentication_ratings-permissive"}},
+		{[]string{"policy", "explain"}, []string{"--from", "bookinfo/productpage", "--to", "bookinfo/ratings:9080"}, []string{"ALLOW", "mTLS as spiffe://cluster.local/ns/bookinfo/sa/productpage"}},
+	} {
+		out := veilctl(tc.cmd, tc.args)
+		for _, w := range tc.want {
+			if !strings.Contains(out, w) {
+				t.Errorf("veilctl %v %v: output lacks %q:\n%s", tc.cmd, tc.args, w, out)
+			}
+		}
+	}
 }
 
 func TestResilience(t *testing.T) {
