@@ -119,21 +119,27 @@ func findWorkload(ctx context.Context, a admin, ref string) (*workload, error) {
 	return lookup(w.Node)
 }
 
-func describePod(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := flag.NewFlagSet("veilctl describe pod", flag.ContinueOnError)
+// podCommand parses the flags of a command about one pod and finds the pod.
+func podCommand(ctx context.Context, name string, args []string, stderr io.Writer) (admin, *workload, error) {
+	fs := flag.NewFlagSet("veilctl "+name, flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	mk := adminFlags(fs)
 	if err := fs.Parse(args); err != nil {
-		return err
+		return nil, nil, err
 	}
 	if fs.NArg() != 1 {
-		return errors.New("describe pod: want NAMESPACE/NAME")
+		return nil, nil, fmt.Errorf("%s: want NAMESPACE/NAME", name)
 	}
 	a, err := mk()
 	if err != nil {
-		return err
+		return nil, nil, err
 	}
 	w, err := findWorkload(ctx, a, fs.Arg(0))
+	return a, w, err
+}
+
+func describePod(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	_, w, err := podCommand(ctx, "describe pod", args, stderr)
 	if err != nil {
 		return err
 	}
@@ -163,20 +169,7 @@ func describePod(ctx context.Context, args []string, stdout, stderr io.Writer) e
 }
 
 func certs(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := flag.NewFlagSet("veilctl certs", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	mk := adminFlags(fs)
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	if fs.NArg() != 1 {
-		return errors.New("certs: want NAMESPACE/NAME")
-	}
-	a, err := mk()
-	if err != nil {
-		return err
-	}
-	w, err := findWorkload(ctx, a, fs.Arg(0))
+	a, w, err := podCommand(ctx, "certs", args, stderr)
 	if err != nil {
 		return err
 	}
