@@ -201,6 +201,15 @@ func startStreamAgent(t *testing.T, ca *identity.CA, node, addr, cacheFile strin
 	return sa
 }
 
+// synced reports whether the agent holds a config from the controller and enforces
+// exactly the policies want.
+func synced(a *streamAgent, want string) func() bool {
+	return func() bool {
+		_, v := a.Source.Version()
+		return v > 0 && policyKeys(a.Agent) == want
+	}
+}
+
 // policyKeys lists the policies in force.
 func policyKeys(a *Agent) string {
 	var out []string
@@ -259,7 +268,7 @@ func TestStreamPolicyChangeReachesAgent(t *testing.T) {
 	c := startStreamController(t, ca, dir, "127.0.0.1:0")
 	a := startStreamAgent(t, ca, "node-2", c.Addr, "")
 
-	streamWait(t, "the snapshot", func() bool { return policyKeys(a.Agent) == "PeerAuthentication bookinfo/default" })
+	streamWait(t, "the snapshot", synced(a, "PeerAuthentication bookinfo/default"))
 	if a.Policies().Workload("bookinfo", "reviews-v1") == nil || a.Policies().Workload("bookinfo", "frontend") == nil {
 		t.Fatal("the agent's policy store does not know the workloads: Update was not called")
 	}
@@ -313,7 +322,7 @@ func TestStreamControllerKilled(t *testing.T) {
 	c := startStreamController(t, ca, dir, "127.0.0.1:0")
 	a := startStreamAgent(t, ca, "node-2", c.Addr, "")
 	const all = "AuthorizationPolicy bookinfo/allow-frontend-to-reviews, AuthorizationPolicy bookinfo/allow-reviews-to-ratings, AuthorizationPolicy bookinfo/deny-all, PeerAuthentication bookinfo/default"
-	streamWait(t, "the snapshot", func() bool { return policyKeys(a.Agent) == all })
+	streamWait(t, "the snapshot", synced(a, all))
 	epoch1, _ := a.Source.Version()
 
 	c.stop()
@@ -395,8 +404,9 @@ func TestStreamResumesWithDeltaAfterConnectionLoss(t *testing.T) {
 	c := startStreamController(t, ca, dir, "127.0.0.1:0")
 	proxy := startCutter(t, c.Addr)
 	a := startStreamAgent(t, ca, "node-2", proxy.lis.Addr().String(), "")
-	streamWait(t, "the snapshot", func() bool { return policyKeys(a.Agent) == "PeerAuthentication bookinfo/default" })
+	streamWait(t, "the snapshot", synced(a, "PeerAuthentication bookinfo/default"))
 	epoch, version := a.Source.Version()
+	streamWait(t, "the controller to get the Ack", func() bool { return strings.Contains(c.Log.String(), "version=1 full=true") })
 
 	proxy.cut()
 	writeConfig(t, dir, "deny-all.yaml", streamDenyAll)
@@ -405,7 +415,7 @@ func TestStreamResumesWithDeltaAfterConnectionLoss(t *testing.T) {
 		t.Fatalf("after resuming: epoch %q version %d; want %q %d", e, v, epoch, version+1)
 	}
 	logs := c.Log.String()
-	if !strings.Contains(logs, "resumed=true") {
+	if !strings.Contains(logs, "epoch="+epoch+" version=1 resumed=true") {
 		t.Fatalf("the controller did not resume the agent's version:\n%s", logs)
 	}
 	if strings.Count(logs, "full=true") != 1 {
@@ -423,7 +433,7 @@ func TestCacheAgentRestartsWithControllerDown(t *testing.T) {
 	c := startStreamController(t, ca, dir, "127.0.0.1:0")
 	a := startStreamAgent(t, ca, "node-2", c.Addr, cache)
 	const want = "AuthorizationPolicy bookinfo/deny-all, PeerAuthentication bookinfo/default"
-	streamWait(t, "the snapshot", func() bool { return policyKeys(a.Agent) == want })
+	streamWait(t, "the snapshot", synced(a, want))
 	epoch, version := a.Source.Version()
 	a.stop()
 	c.stop()
@@ -470,7 +480,7 @@ func TestStreamNackKeepsLastGoodConfig(t *testing.T) {
 	}
 	cache := filepath.Join(t.TempDir(), "config.cache")
 	a := startStreamAgent(t, ca, "node-2", c.Addr, cache)
-	streamWait(t, "the snapshot", func() bool { return policyKeys(a.Agent) == "PeerAuthentication bookinfo/default" })
+	streamWait(t, "the snapshot", synced(a, "PeerAuthentication bookinfo/default"))
 	_, goodVersion := a.Source.Version()
 	streamWait(t, "the cache written", func() bool { _, err := os.Stat(cache); return err == nil })
 	cached, _ := os.ReadFile(cache)
@@ -641,7 +651,7 @@ func TestStreamPushLatency(t *testing.T) {
 	deny := policy.Parse("deny.yaml", []byte(streamDenyAll)).Objects
 	c.Config.Set(&controller.Config{Cluster: st, Policies: strict})
 	a := startStreamAgent(t, ca, "node-2", c.Addr, filepath.Join(t.TempDir(), "cache"))
-	streamWait(t, "the snapshot", func() bool { return policyKeys(a.Agent) == "PeerAuthentication bookinfo/default" })
+	streamWait(t, "the snapshot", synced(a, "PeerAuthentication bookinfo/default"))
 	var took []time.Duration
 	for i := 0; i < 40; i++ {
 		start := time.Now()

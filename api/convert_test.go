@@ -142,3 +142,26 @@ func FuzzDecodeResource(f *testing.F) {
 		}
 	})
 }
+
+// TestWorkloadCarriesEveryPodField fails when cluster.Pod or cluster.Service gains a
+// field: agents fed by the controller would not get it. Add it to config.proto and the
+// conversions, then here.
+func TestWorkloadCarriesEveryPodField(t *testing.T) {
+	for _, tc := range []struct {
+		typ  reflect.Type
+		want string
+	}{
+		{reflect.TypeFor[cluster.Pod](), "Namespace Name ServiceAccount Node Labels Annotations IPs HostNetwork NamedPorts Ready Source"},
+		{reflect.TypeFor[cluster.Service](), "Namespace Name Labels ClusterIPs Selector Ports Source"},
+		{reflect.TypeFor[cluster.ServicePort](), "Name Protocol Port TargetPort TargetName"},
+		{reflect.TypeFor[cluster.Namespace](), "Name Labels"},
+	} {
+		var got []string
+		for i := range tc.typ.NumField() {
+			got = append(got, tc.typ.Field(i).Name)
+		}
+		if strings.Join(got, " ") != tc.want {
+			t.Errorf("%v has fields %q; the config stream carries %q: add the new ones to api/config.proto and api/convert.go", tc.typ, strings.Join(got, " "), tc.want)
+		}
+	}
+}
