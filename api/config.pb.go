@@ -696,7 +696,9 @@ type Workload struct {
 	// from the labels and annotations with the same rule.
 	Enrolled bool `protobuf:"varint,11,opt,name=enrolled,proto3" json:"enrolled,omitempty"`
 	// source says where the controller read the pod (file#document), if from a file.
-	Source        string `protobuf:"bytes,12,opt,name=source,proto3" json:"source,omitempty"`
+	Source string `protobuf:"bytes,12,opt,name=source,proto3" json:"source,omitempty"`
+	// ports are the containers' declared port numbers (1-65535).
+	Ports         []uint32 `protobuf:"varint,13,rep,packed,name=ports,proto3" json:"ports,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -813,6 +815,13 @@ func (x *Workload) GetSource() string {
 		return x.Source
 	}
 	return ""
+}
+
+func (x *Workload) GetPorts() []uint32 {
+	if x != nil {
+		return x.Ports
+	}
+	return nil
 }
 
 // Service is a core/v1 Service.
@@ -1231,7 +1240,7 @@ const file_config_proto_rawDesc = "" +
 	"\x06labels\x18\x02 \x03(\v2%.veil.config.v1.Namespace.LabelsEntryR\x06labels\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x88\x05\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x9e\x05\n" +
 	"\bWorkload\x12\x1c\n" +
 	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12'\n" +
@@ -1246,7 +1255,8 @@ const file_config_proto_rawDesc = "" +
 	" \x03(\v2(.veil.config.v1.Workload.NamedPortsEntryR\n" +
 	"namedPorts\x12\x1a\n" +
 	"\benrolled\x18\v \x01(\bR\benrolled\x12\x16\n" +
-	"\x06source\x18\f \x01(\tR\x06source\x1a9\n" +
+	"\x06source\x18\f \x01(\tR\x06source\x12\x14\n" +
+	"\x05ports\x18\r \x03(\rR\x05ports\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\x1a>\n" +

@@ -13,6 +13,7 @@ import (
 	"github.com/veilmesh/veil/identity"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/keepalive"
 	"sigs.k8s.io/yaml"
 )
 
@@ -54,7 +55,13 @@ func (s *CAServer) Serve(ctx context.Context, lis net.Listener) error {
 	g := grpc.NewServer(grpc.Creds(credentials.NewTLS(&tls.Config{
 		MinVersion:   tls.VersionTLS13,
 		Certificates: []tls.Certificate{cert},
-	})))
+	})),
+		// Config streams are long-lived: ping idle agents so a vanished one frees its
+		// stream, and let agents ping as often as every 10s to notice a vanished
+		// controller.
+		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 30 * time.Second, Timeout: 10 * time.Second}),
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
+	)
 	(&identity.Server{CA: s.CA, Auth: s.Auth, Workloads: s.Workloads, Log: log}).Register(g)
 	for _, svc := range s.Services {
 		svc.Register(g)

@@ -186,6 +186,16 @@ func (s *DirSource) Run(ctx context.Context, update func(*Config)) error {
 		if d == s.digest && s.last != nil {
 			return true
 		}
+		// Let a write in progress finish: a file caught half written may parse as
+		// valid YAML holding fewer objects, and those would be deleted for a moment.
+		for settle := min(interval/4, 50*time.Millisecond); s.last != nil; {
+			time.Sleep(settle)
+			again, err := dirDigest(s.Dir)
+			if err != nil || again == d {
+				break
+			}
+			d = again
+		}
 		s.digest = d
 		start := time.Now()
 		cfg, err := s.Load()

@@ -101,15 +101,14 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	// The first load happens before the listener opens, so that a CA request or a
-	// subscription never meets an empty config.
 	src := &controller.DirSource{
 		Dir:      *configDir,
 		Policy:   policy.Options{RootNamespace: *rootNS, TrustDomain: td.String()},
 		Interval: *poll,
 		Log:      log,
 	}
-	if cfg, err := src.Load(); cfg == nil {
+	first, err := src.Load()
+	if first == nil {
 		return err
 	}
 	placement := &controller.LivePlacement{}
@@ -122,6 +121,12 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 			}
 		},
 		Log: log,
+	}
+	// Serve the first load at once: neither a CA request nor a subscription meets an
+	// empty config. Its problems are logged by the source's Run, which reads it again.
+	config.OnConfig(first)
+	if _, err := config.Set(first); err != nil {
+		log.Warn("config: objects not served", "err", err)
 	}
 
 	lis, err := net.Listen("tcp", *listen)
