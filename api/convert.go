@@ -199,6 +199,12 @@ func decodeWorkload(w *Workload) (*cluster.Pod, error) {
 		Ready:          w.GetReady(),
 		Source:         w.GetSource(),
 	}
+	for i, port := range w.GetPorts() {
+		if port < 1 || port > 65535 {
+			return nil, invalid(what, fmt.Sprintf("ports[%d]", i), "%d is not a port", port)
+		}
+		p.Ports = append(p.Ports, uint16(port))
+	}
 	for _, name := range sortedKeys(w.GetNamedPorts()) {
 		port := w.GetNamedPorts()[name]
 		if name == "" || port < 1 || port > 65535 {
@@ -342,6 +348,9 @@ func WorkloadResource(st *cluster.State, p *cluster.Pod) *Resource {
 	}
 	for _, ip := range p.IPs {
 		w.Ips = append(w.Ips, ip.Unmap().AsSlice())
+	}
+	for _, port := range p.Ports {
+		w.Ports = append(w.Ports, uint32(port))
 	}
 	if len(p.NamedPorts) > 0 {
 		w.NamedPorts = make(map[string]uint32, len(p.NamedPorts))

@@ -18,7 +18,7 @@ func TestConvertRoundTrip(t *testing.T) {
 	pod := &cluster.Pod{Namespace: "bookinfo", Name: "reviews-v1", ServiceAccount: "reviews", Node: "node-1",
 		Labels: map[string]string{"app": "reviews"}, Annotations: map[string]string{cluster.SidecarStatusAnnotation: "{}"},
 		IPs: []netip.Addr{netip.MustParseAddr("10.0.0.1"), netip.MustParseAddr("fd00::1")}, Ready: true,
-		NamedPorts: map[string]uint16{"http": 9080}, Source: "pods.yaml#1"}
+		Ports: []uint16{9080, 15090}, NamedPorts: map[string]uint16{"http": 9080}, Source: "pods.yaml#1"}
 	svc := &cluster.Service{Namespace: "bookinfo", Name: "reviews", ClusterIPs: []netip.Addr{netip.MustParseAddr("10.96.0.1")},
 		Selector: map[string]string{"app": "reviews"}, Ports: []cluster.ServicePort{{Name: "http", Protocol: "TCP", Port: 9080, TargetName: "http"}}, Source: "svc.yaml#1"}
 	objs := policy.Parse("p.yaml", []byte(`
@@ -96,6 +96,7 @@ func TestDecodeNamesResourceAndField(t *testing.T) {
 		{"short address", w(func(x *Workload) { x.Ips = append(x.Ips, []byte{1, 2, 3}) }), "workload ns/w: ips[1]: 3 bytes is not an IPv4 or IPv6 address"},
 		{"unspecified address", w(func(x *Workload) { x.Ips = [][]byte{make([]byte, 16)} }), "workload ns/w: ips[0]: :: is not a usable address"},
 		{"duplicate address", w(func(x *Workload) { x.Ips = append(x.Ips, []byte{10, 0, 0, 1}) }), "workload ns/w: ips[1]: 10.0.0.1 is listed twice"},
+		{"port out of range", w(func(x *Workload) { x.Ports = []uint32{80, 0} }), "workload ns/w: ports[1]: 0 is not a port"},
 		{"named port out of range", w(func(x *Workload) { x.NamedPorts = map[string]uint32{"http": 70000} }), "workload ns/w: named_ports[http]: 70000 is not a port"},
 		{"service protocol", s(func(x *Service) { x.Ports[0].Protocol = "tcp" }), `service ns/s: ports[0].protocol: "tcp" is not TCP, UDP or SCTP`},
 		{"service port zero", s(func(x *Service) { x.Ports[0].Port = 0 }), "service ns/s: ports[0].port: 0 is not a port"},
@@ -151,7 +152,7 @@ func TestWorkloadCarriesEveryPodField(t *testing.T) {
 		typ  reflect.Type
 		want string
 	}{
-		{reflect.TypeFor[cluster.Pod](), "Namespace Name ServiceAccount Node Labels Annotations IPs HostNetwork NamedPorts Ready Source"},
+		{reflect.TypeFor[cluster.Pod](), "Namespace Name ServiceAccount Node Labels Annotations IPs HostNetwork Ports NamedPorts Ready Source"},
 		{reflect.TypeFor[cluster.Service](), "Namespace Name Labels ClusterIPs Selector Ports Source"},
 		{reflect.TypeFor[cluster.ServicePort](), "Name Protocol Port TargetPort TargetName"},
 		{reflect.TypeFor[cluster.Namespace](), "Name Labels"},
