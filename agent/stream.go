@@ -24,12 +24,12 @@ import (
 // resource does not convert or a policy does not validate; nothing of a Nacked push is
 // applied, so the last good config stays in force.
 //
-// Every config it applies is written to CacheFile, and Run starts by applying that file,
-// so an agent that starts while the controller is unreachable enforces the last config it
-// had. It reconnects with capped exponential backoff and jitter, and resumes from the
+// Every config it applies is written to CacheFile, and LoadCache (or Run, first) applies
+// that file, so an agent that starts while the controller is unreachable enforces the
+// last config it had. It reconnects with capped exponential backoff and jitter, and resumes from the
 // version it holds: the controller sends a delta when it can, a full snapshot otherwise.
 //
-// Run must be called once. Version is safe for concurrent use.
+// Call LoadCache (optional) before Run, and Run once. Version is safe for concurrent use.
 type ControllerSource struct {
 	Agent *Agent
 	// Conn reaches the controller as this node: TLS and the node's bootstrap token
@@ -42,9 +42,10 @@ type ControllerSource struct {
 	MinBackoff, MaxBackoff time.Duration
 	Log                    *slog.Logger
 
-	// mu guards held; held is only replaced, never modified.
-	mu   sync.Mutex
-	held *heldConfig
+	// mu guards held and cacheRead; held is only replaced, never modified.
+	mu        sync.Mutex
+	held      *heldConfig
+	cacheRead bool
 }
 
 // heldConfig is the config the agent enforces: the resources of the last push it applied.
@@ -111,7 +112,12 @@ func (s *ControllerSource) Run(ctx context.Context) error {
 	if maxB < minB {
 		maxB = max(10*time.Second, minB)
 	}
-	s.loadCache()
+	s.mu.Lock()
+	read := s.cacheRead
+	s.mu.Unlock()
+	if !read {
+		s.LoadCache()
+	}
 	client := api.NewConfigServiceClient(s.Conn)
 	backoff := minB
 	for {
@@ -136,27 +142,32 @@ func (s *ControllerSource) Run(ctx context.Context) error {
 	}
 }
 
-// loadCache applies the cached config, if any. A cache that does not load or apply is
-// reported and ignored: the agent then waits for the controller, refusing what it
-// cannot place.
-func (s *ControllerSource) loadCache() {
-	if s.CacheFile == "" {
-		return
+// LoadCache applies the cached config, if any, so the agent can enforce it before it
+// starts listening; Run does it when LoadCache was not called. A cache that does not
+// load or apply is logged, ignored and returned: the agent then waits for the
+// controller, refusing what it cannot place. A missing cache is not an error.
+func (s *ControllerSource) LoadCache() error {
+	s.mu.Lock()
+	s.cacheRead = true
+	s.mu.Unlock()
+	if s.CacheFile == "" || s.Agent == nil {
+		return nil
 	}
 	log := s.log()
 	p, err := readCache(s.CacheFile)
 	if errors.Is(err, os.ErrNotExist) {
 		log.Info("config cache: none yet", "file", s.CacheFile)
-		return
+		return nil
 	}
 	if err == nil {
 		err = s.apply(p, false)
 	}
 	if err != nil {
 		log.Warn("config cache: ignored", "file", s.CacheFile, "err", err)
-		return
+		return err
 	}
 	log.Info("config cache: loaded; enforcing it until the controller answers", "file", s.CacheFile, "epoch", p.GetEpoch(), "version", p.GetVersion(), "resources", len(p.GetResources()))
+	return nil
 }
 
 // session runs one stream. applied reports whether a push was applied.
