@@ -68,6 +68,9 @@ type changes struct {
 	deleted []policy.Key
 }
 
+// maxPushSize is the largest push the agent accepts (about a million workloads).
+const maxPushSize = 256 << 20
+
 // maxReasons caps how many problems a Nack lists.
 const maxReasons = 10
 
@@ -174,7 +177,8 @@ func (s *ControllerSource) LoadCache() error {
 func (s *ControllerSource) session(ctx context.Context, client api.ConfigServiceClient) (applied bool, err error) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	stream, err := client.Subscribe(ctx)
+	// A full snapshot is ~90 bytes a workload: past gRPC's default 4 MiB at ~45k.
+	stream, err := client.Subscribe(ctx, grpc.MaxCallRecvMsgSize(maxPushSize))
 	if err != nil {
 		return false, err
 	}
