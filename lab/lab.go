@@ -73,7 +73,7 @@ func (l *Lab) podNS(p *PodSpec) string {
 }
 
 // ConfigDir is where the lab's cluster objects and applied policies live; the
-// controller and agents read it.
+// controller watches it and streams it to the agents.
 func (l *Lab) ConfigDir() string { return l.path("config") }
 
 func (l *Lab) logf(format string, args ...any) { fmt.Fprintf(l.opts.Log, format+"\n", args...) }
@@ -110,7 +110,7 @@ func Up(ctx context.Context, spec *Spec, opts Options) (*Lab, error) {
 }
 
 func (l *Lab) up(ctx context.Context) error {
-	for _, d := range []string{"config", "logs", "pids", "tokens", "bpffs"} {
+	for _, d := range []string{"config", "cache", "logs", "pids", "tokens", "bpffs"} {
 		if err := os.MkdirAll(l.path(d), 0o700); err != nil {
 			return err
 		}
@@ -250,7 +250,7 @@ func (l *Lab) bin(name string) string { return filepath.Join(l.opts.BinDir, name
 
 func (l *Lab) startController(ctx context.Context) error {
 	err := l.start("controller", l.fabricNS(), l.bin("veil-controller"),
-		"--ca-dir", l.path("ca"), "--node-tokens", l.path("tokens.yaml"), "--pods", l.ConfigDir(),
+		"--ca-dir", l.path("ca"), "--node-tokens", l.path("tokens.yaml"), "--config-dir", l.ConfigDir(),
 		"--listen", net.JoinHostPort(ControllerIP().String(), "15012"), "--server-name", "veil-controller")
 	if err != nil {
 		return err
@@ -270,7 +270,7 @@ func (l *Lab) startController(ctx context.Context) error {
 // StartAgent starts (or restarts) a node's agent and waits until it is ready.
 func (l *Lab) StartAgent(ctx context.Context, node string) error {
 	err := l.start("agent-"+node, l.nodeNS(node), l.bin("veil-agent"),
-		"--node", node, "--config-dir", l.ConfigDir(),
+		"--node", node, "--config-cache", l.path("cache", node+".config"),
 		"--ca-addr", net.JoinHostPort(ControllerIP().String(), "15012"), "--ca-server-name", "veil-controller",
 		"--ca-root", l.path("ca", identity.RootCertFile), "--token-file", l.path("tokens", node),
 		"--uplink", "eth0", "--pin-dir", l.path("bpffs", node))

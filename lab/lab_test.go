@@ -201,14 +201,30 @@ func TestResilience(t *testing.T) {
 		}
 	})
 
-	t.Run("controller killed: traffic and policy keep working", func(t *testing.T) {
+	t.Run("controller killed: traffic and policy keep working, a restarted agent uses its cache", func(t *testing.T) {
 		if err := l.StopController(); err != nil {
 			t.Fatal(err)
 		}
 		l.want(t, "bookinfo/productpage", "svc/reviews", "200")
 		l.want(t, "legacy/sleep", "reviews:9080", "reset")
+		// An agent restarted while the controller is down enforces its cached config.
+		if err := l.StopAgent("node-2"); err != nil {
+			t.Fatal(err)
+		}
+		if err := l.StartAgent(ctx, "node-2"); err != nil {
+			t.Fatal(err)
+		}
+		l.want(t, "legacy/sleep", "reviews:9080", "reset")
 		if err := l.RestartController(ctx); err != nil {
 			t.Fatal(err)
+		}
+		// Back with the CA, the restarted agent gets its certificates and serves mTLS.
+		deadline := time.Now().Add(20 * time.Second)
+		for l.Request(ctx, "bookinfo/productpage", l.mustTarget(t, "reviews:9080")).Result != "200" {
+			if time.Now().After(deadline) {
+				t.Fatal("mTLS to the restarted agent never recovered after the controller came back")
+			}
+			time.Sleep(200 * time.Millisecond)
 		}
 	})
 

@@ -14,6 +14,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -25,6 +26,8 @@ import (
 	"github.com/veilmesh/veil/bpf"
 	"github.com/veilmesh/veil/identity"
 	"github.com/veilmesh/veil/policy"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/keepalive"
 )
 
 func main() {
@@ -48,7 +51,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	var (
 		node          = fs.String("node", hostname, "name of this node, as in the pods' spec.nodeName (default $NODE_NAME, else the hostname)")
-		configDir     = fs.String("config-dir", "", "directory of Kubernetes YAML (Namespaces, Pods, Services, security.istio.io policies), re-read on change (required)")
+		configDir     = fs.String("config-dir", "", "read the config from this directory of Kubernetes YAML (Namespaces, Pods, Services, security.istio.io policies), re-read on change, instead of the controller's stream")
+		configCache   = fs.String("config-cache", "/var/lib/veil/config.cache", "file holding the last good config from the controller, enforced at start until the controller answers; empty disables")
 		caAddr        = fs.String("ca-addr", "", "address of the CA (veil-controller, or istiod), host:port (required)")
 		caServerName  = fs.String("ca-server-name", "veil-controller", "name in the CA's TLS certificate")
 		caRoot        = fs.String("ca-root", "", "PEM file of the roots that sign the CA's TLS certificate, e.g. the controller's root-cert.pem (required)")
@@ -78,7 +82,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return fmt.Errorf("unexpected arguments %q", fs.Args())
 	}
 	var missing []string
-	for name, v := range map[string]string{"--config-dir": *configDir, "--ca-addr": *caAddr, "--ca-root": *caRoot, "--token-file": *tokenFile, "--node": *node} {
+	for name, v := range map[string]string{"--ca-addr": *caAddr, "--ca-root": *caRoot, "--token-file": *tokenFile, "--node": *node} {
 		if v == "" {
 			missing = append(missing, name)
 		}
@@ -107,7 +111,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return fmt.Errorf("--token-file: %w", err)
 	}
-	conn, err := identity.DialCA(*caAddr, *caServerName, roots, strings.TrimSpace(string(tok)))
+	// One connection to the controller carries the CA and the config stream; keepalive
+	// notices a controller that vanished without closing.
+	conn, err := identity.DialCA(*caAddr, *caServerName, roots, strings.TrimSpace(string(tok)),
+		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 30 * time.Second, Timeout: 10 * time.Second}))
 	if err != nil {
 		return err
 	}
@@ -153,9 +160,26 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	src := &agent.DirSource{Dir: *configDir, Agent: a, Log: log}
-	if err := src.Load(); err != nil {
-		log.Warn("config has errors; serving what is valid", "err", err)
+	// The config comes from the controller's stream, or from a directory. Either way what
+	// is known is applied before the listeners open.
+	var source interface{ Run(context.Context) error }
+	if *configDir != "" {
+		src := &agent.DirSource{Dir: *configDir, Agent: a, Log: log}
+		if err := src.Load(); err != nil {
+			log.Warn("config has errors; serving what is valid", "err", err)
+		}
+		source = src
+	} else {
+		if *configCache != "" {
+			if err := os.MkdirAll(filepath.Dir(*configCache), 0o700); err != nil {
+				return fmt.Errorf("--config-cache: %w", err)
+			}
+		}
+		src := &agent.ControllerSource{Agent: a, Conn: conn, CacheFile: *configCache, Log: log}
+		if err := src.LoadCache(); err != nil {
+			log.Warn("config cache not used", "file", *configCache, "err", err)
+		}
+		source = src
 	}
 	if err := a.Start(); err != nil {
 		return err
@@ -204,7 +228,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	ready.Store(true)
 	wg.Add(1)
-	go func() { defer wg.Done(); _ = src.Run(ctx) }()
+	go func() { defer wg.Done(); _ = source.Run(ctx) }()
 	<-ctx.Done()
 	ready.Store(false)
 	return nil

@@ -130,7 +130,7 @@ func TestAgentFetchesCertificatesOfItsPods(t *testing.T) {
 
 func TestAgentRejectsMissingFlags(t *testing.T) {
 	err := run(context.Background(), []string{"--node", "n"}, io.Discard, io.Discard)
-	if err == nil || !strings.Contains(err.Error(), "--config-dir") || !strings.Contains(err.Error(), "--ca-addr") {
+	if err == nil || !strings.Contains(err.Error(), "--token-file") || !strings.Contains(err.Error(), "--ca-addr") {
 		t.Fatalf("error %v, want one naming the missing flags", err)
 	}
 }
