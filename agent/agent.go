@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -179,7 +180,10 @@ func (a *Agent) Update(st *cluster.State) {
 		a.store.DeleteWorkloads(gone...)
 	}
 	a.store.SetWorkloads(ws...)
-	old := a.view.Swap(v)
+	a.view.Store(v)
+	for _, ip := range v.conflicts {
+		a.log.Error("address claimed by more than one pod: connections to and from it are refused", "ip", ip.String())
+	}
 	a.syncCapture(v)
 	ids := map[spiffeid.ID]bool{}
 	for _, w := range v.local {
@@ -190,9 +194,11 @@ func (a *Agent) Update(st *cluster.State) {
 			a.log.Warn("certificate prefetch failed", "identity", id.String(), "err", err)
 		}
 	}
-	for _, w := range old.local {
-		if !ids[w.id] {
-			a.opts.Certs.Forget(w.id)
+	// Forget every identity no local pod has, including one a connection in flight
+	// asked for after it was last forgotten.
+	for _, st := range a.opts.Certs.States() {
+		if id, err := spiffeid.FromString(st.ID); err == nil && !ids[id] {
+			a.opts.Certs.Forget(id)
 		}
 	}
 	a.recheck()
@@ -294,20 +300,22 @@ func (a *Agent) Close() error {
 // acceptLoop hands each accepted connection, with its original destination (the
 // accepted socket's local address, which the capture preserved), to handle.
 func (a *Agent) acceptLoop(l net.Listener, handle func(context.Context, net.Conn, netip.AddrPort)) {
-	for {
-		c, err := l.Accept()
-		if err != nil {
-			if a.ctx.Err() == nil {
-				a.log.Error("accept failed", "addr", l.Addr().String(), "err", err)
-			}
-			return
-		}
+	tunnel.AcceptLoop(l, func(c net.Conn) {
 		a.wg.Add(1)
 		go func() {
 			defer a.wg.Done()
 			handle(a.ctx, c, addrPort(c.LocalAddr()))
 		}()
-	}
+	}, func(err error) { a.log.Error("accept failed; retrying", "addr", l.Addr().String(), "err", err) })
+}
+
+// join proxies c and up until both directions end or the agent closes, and returns what
+// moved (AToB: from c to up).
+func (a *Agent) join(ctx context.Context, c, up io.ReadWriteCloser) tunnel.Counts {
+	stop := context.AfterFunc(ctx, func() { c.Close(); up.Close() })
+	defer stop()
+	counts, _ := tunnel.Join(c, up)
+	return counts
 }
 
 // localIdentity names the local enrolled workload that owns a dialled address, for the

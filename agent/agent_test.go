@@ -282,3 +282,49 @@ func eventually(t *testing.T, what string, cond func() bool) {
 		time.Sleep(5 * time.Millisecond)
 	}
 }
+
+// The Forwarded source decides ipBlocks and what the application sees: a peer may only
+// name an address of a workload with its own identity.
+func TestHBONEForwardedSourceMustBelongToThePeer(t *testing.T) {
+	m := newTestMesh(t)
+	frontend := spiffeid.RequireFromString("spiffe://cluster.local/ns/bookinfo/sa/frontend")
+	reviews := spiffeid.RequireFromString("spiffe://cluster.local/ns/bookinfo/sa/reviews")
+	mgr, _ := identity.NewManager(identity.ManagerOptions{Issuer: m.ca})
+	defer mgr.Close()
+	cert, err := mgr.Get(context.Background(), frontend)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bundle := x509bundle.FromX509Authorities(m.ca.TrustDomain(), m.ca.Roots())
+	pool := &tunnel.Pool{
+		TLSConfig: func(context.Context, tunnel.Key) (*tls.Config, error) {
+			return identity.ClientConfig(cert, reviews, bundle), nil
+		},
+		Dial: nsSockets{ns: m.net.nodes["node-1"], host: HostSockets{}}.dialString,
+	}
+	defer pool.Close()
+	key := tunnel.Key{Src: frontend, Dst: reviews, Addr: netip.AddrPortFrom(podIP("reviews"), 15008)}
+	for _, tc := range []struct {
+		name string
+		src  string
+		want int
+	}{
+		{"its own pod's address", "10.77.1.10:1234", 0},
+		{"another workload's address", "10.77.1.11:1234", 401},
+		{"an address of no workload", "192.0.2.7:1234", 401},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s, err := pool.Connect(context.Background(), key, appAddr("reviews"), netip.MustParseAddrPort(tc.src))
+			if tc.want == 0 {
+				if err != nil {
+					t.Fatal(err)
+				}
+				s.Close()
+				return
+			}
+			if code := tunnel.StatusCode(err); code != tc.want {
+				t.Fatalf("Connect with Forwarded %s: %v, want %d", tc.src, err, tc.want)
+			}
+		})
+	}
+}

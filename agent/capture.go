@@ -58,7 +58,7 @@ func (a *Agent) syncCapture(v *view) {
 	}
 	st := &a.capture
 	if st.attached == nil {
-		st.attached, st.enrolled, st.links = map[int]bool{}, map[podKey]bpf.Pod{}, map[podKey]int{}
+		st.attached, st.enrolled = map[int]bool{}, map[podKey]bpf.Pod{}
 	}
 	wantAttached := map[int]bool{}
 	wantEnrolled := map[podKey]bpf.Pod{}
@@ -69,14 +69,12 @@ func (a *Agent) syncCapture(v *view) {
 		}
 		seen[w] = true
 		k := podKey{w.pod.Namespace, w.pod.Name}
-		idx, ok := st.links[k]
-		if !ok {
-			var err error
-			if idx, err = a.opts.PodLink(w.pod.IPs[0]); err != nil {
-				a.log.Error("capture: cannot find the pod's interface; its traffic is NOT captured", "pod", w.String(), "err", err)
-				continue
-			}
-			st.links[k] = idx
+		// Asked every time, not cached: a pod recreated under its old name (and maybe its
+		// old address) has a new veth.
+		idx, err := a.opts.PodLink(w.pod.IPs[0])
+		if err != nil {
+			a.log.Error("capture: cannot find the pod's interface; its traffic is NOT captured", "pod", w.String(), "err", err)
+			continue
 		}
 		wantAttached[idx] = true
 		if w.enrolled {
@@ -97,11 +95,6 @@ func (a *Agent) syncCapture(v *view) {
 				a.log.Warn("capture: detach failed", "ifindex", idx, "err", err)
 			}
 			delete(st.attached, idx)
-		}
-	}
-	for k := range st.links {
-		if _, ok := wantEnrolled[k]; !ok && !wantAttached[st.links[k]] {
-			delete(st.links, k)
 		}
 	}
 	for idx := range wantAttached {

@@ -47,6 +47,15 @@ func (a *Agent) admit(ctx context.Context, f flow, peer policy.Peer, dst *worklo
 		return nil, nil, err
 	}
 	remove = a.tracker.add(&tracked{conn: pc, desc: src.String() + "->" + target.String() + " (" + dst.String() + ")", close: func() { up.Close() }})
+	// A policy change during the dial found nothing to re-check: decide again now that the
+	// connection is tracked.
+	if d := a.store.Snapshot().EvaluateL4(&pc); !d.Allowed() {
+		remove()
+		up.Close()
+		a.log.Info("connection denied", "src", src.String(), "src_principal", peer.URI, "dst", target.String(), "dst_workload", dst.String(), "decision", d.String())
+		a.metrics.fail(f, flagDenied)
+		return nil, nil, fmt.Errorf("%w: %s", errDenied, d.String())
+	}
 	return up, remove, nil
 }
 
@@ -63,7 +72,19 @@ func (a *Agent) connectInbound(ctx context.Context, r *tunnel.Request) (net.Conn
 	if dst == nil {
 		return nil, tunnel.Unreachable(fmt.Errorf("%s is not an enrolled pod of node %s", r.Destination.Addr(), a.opts.Node))
 	}
-	f := newFlow("destination", v.byIP[r.Source.Addr()], dst, r.Peer.String(), dst.id.String(), true)
+	src := v.byIP[r.Source.Addr()]
+	f := newFlow("destination", src, dst, r.Peer.String(), dst.id.String(), true)
+	// The Forwarded source is the client's word: it decides ipBlocks and the address the
+	// application sees, so it must be a workload with the identity the peer proved.
+	if src == nil || src.id != r.Peer {
+		owner := "no known workload"
+		if src != nil {
+			owner = src.id.String()
+		}
+		a.log.Info("connection denied: forwarded source does not belong to the peer", "src", r.Source.String(), "src_owner", owner, "peer", r.Peer.String(), "dst", r.Destination.String())
+		a.metrics.fail(f, flagDenied)
+		return nil, tunnel.Denied(fmt.Errorf("source %s belongs to %s, not to peer %s", r.Source.Addr(), owner, r.Peer))
+	}
 	up, remove, err := a.admit(ctx, f, peerOf(r.Peer), dst, r.Source, r.Destination)
 	if errors.Is(err, errDenied) {
 		return nil, tunnel.Denied(err)
@@ -108,7 +129,7 @@ func (a *Agent) Plaintext(ctx context.Context, c net.Conn, orig netip.AddrPort) 
 		return
 	}
 	a.metrics.open(f)
-	counts, _ := tunnel.Join(c, up)
+	counts := a.join(ctx, c, up)
 	remove()
 	a.metrics.close(f, counts.AToB, counts.BToA)
 }

@@ -95,11 +95,8 @@ func (a *Agent) viaHBONE(ctx context.Context, c net.Conn, src, dst *workload, sr
 		return
 	}
 	a.metrics.open(f)
-	counts, err := tunnel.Join(c, s)
+	counts := a.join(ctx, c, s)
 	a.metrics.close(f, counts.AToB, counts.BToA)
-	if err != nil {
-		a.log.Debug("outbound: connection ended with an error", "src", srcAddr.String(), "dst", target.String(), "err", err)
-	}
 }
 
 func (a *Agent) passthrough(ctx context.Context, c net.Conn, src, dst *workload, srcAddr, target netip.AddrPort) {
@@ -112,7 +109,7 @@ func (a *Agent) passthrough(ctx context.Context, c net.Conn, src, dst *workload,
 		return
 	}
 	a.metrics.open(f)
-	counts, _ := tunnel.Join(c, up)
+	counts := a.join(ctx, c, up)
 	a.metrics.close(f, counts.AToB, counts.BToA)
 }
 
@@ -131,7 +128,7 @@ func (a *Agent) sameNode(ctx context.Context, c net.Conn, src, dst *workload, sr
 	}
 	a.metrics.open(fs)
 	a.metrics.open(fd)
-	counts, _ := tunnel.Join(c, up)
+	counts := a.join(ctx, c, up)
 	remove()
 	a.metrics.close(fs, counts.AToB, counts.BToA)
 	a.metrics.close(fd, counts.AToB, counts.BToA)

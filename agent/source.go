@@ -30,6 +30,7 @@ type DirSource struct {
 
 	known  map[policy.Key]string // policy -> the file it came from
 	digest uint64
+	loaded bool // a cluster view has been applied
 }
 
 // Load reads the directory once and applies it. The error joins every problem found;
@@ -51,7 +52,14 @@ func (s *DirSource) Load() error {
 	if err != nil {
 		return err
 	}
-	s.Agent.Update(st)
+	// A cluster object that did not load must not make its pod vanish (unenrolled,
+	// uncaptured): with errors, the previous view stays, unless there is none yet.
+	if len(clusterErrs) == 0 || !s.loaded {
+		s.Agent.Update(st)
+		s.loaded = true
+	} else {
+		log.Warn("config: cluster objects have errors; keeping the previous pods, namespaces and services until they are fixed", "dir", s.Dir)
+	}
 
 	// Objects whose file could not be read whole keep their last good version: a
 	// syntax error hides which objects the file still means to hold.

@@ -92,6 +92,16 @@ func TestDirSourceKeepsLastGoodPolicy(t *testing.T) {
 			t.Fatal("a syntax error removed the policy")
 		}
 	})
+	t.Run("a broken cluster file keeps the previous pods", func(t *testing.T) {
+		write(t, dir, "cluster.yaml", strings.Replace(clusterYAML, "podIP: 10.77.2.10", "podIP: not-an-ip", 1))
+		if err := src.Load(); err == nil {
+			t.Fatal("Load accepted a bad pod IP")
+		}
+		if w := a.view.Load().localEnrolled(netip.MustParseAddr("10.77.2.10")); w == nil {
+			t.Fatal("a bad pod manifest unenrolled the pod")
+		}
+		write(t, dir, "cluster.yaml", clusterYAML)
+	})
 	t.Run("a removed file removes its policies", func(t *testing.T) {
 		os.Remove(filepath.Join(dir, "policy.yaml"))
 		if err := src.Load(); err != nil {

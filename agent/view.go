@@ -33,10 +33,13 @@ type view struct {
 	byIP  map[netip.Addr]*workload
 	vips  map[netip.Addr]*service
 	local []*workload // enrolled pods on this node
+	// conflicts are addresses claimed by more than one pod, left out of byIP.
+	conflicts []netip.Addr
 }
 
 func newView(st *cluster.State, node string, td spiffeid.TrustDomain) *view {
 	v := &view{state: st, byIP: map[netip.Addr]*workload{}, vips: map[netip.Addr]*service{}}
+	conflicts := map[netip.Addr]bool{}
 	for _, p := range st.Pods {
 		if p.HostNetwork || len(p.IPs) == 0 {
 			continue
@@ -47,11 +50,20 @@ func newView(st *cluster.State, node string, td spiffeid.TrustDomain) *view {
 		}
 		w := &workload{pod: p, id: id, enrolled: st.Enrolled(p), local: p.Node == node}
 		for _, ip := range p.IPs {
+			if other := v.byIP[ip]; other != nil && other != w {
+				conflicts[ip] = true
+			}
 			v.byIP[ip] = w
 		}
 		if w.local && w.enrolled {
 			v.local = append(v.local, w)
 		}
+	}
+	// Two pods claiming one address would mix up identities: neither gets it (fail
+	// closed) until the conflict is gone.
+	for ip := range conflicts {
+		delete(v.byIP, ip)
+		v.conflicts = append(v.conflicts, ip)
 	}
 	for _, s := range st.Services {
 		sv := &service{svc: s}

@@ -25,6 +25,9 @@ import (
 	"k8s.io/utils/clock"
 )
 
+// issueTimeout bounds one certificate request.
+const issueTimeout = 30 * time.Second
+
 // ErrClosed is returned by a Manager's methods after Close.
 var ErrClosed = errors.New("identity: certificate manager closed")
 
@@ -141,6 +144,7 @@ type Manager struct {
 // the fields under mu.
 type entry struct {
 	id     spiffeid.ID
+	ctx    context.Context // ends when the entry is forgotten or the manager closes
 	cancel context.CancelFunc
 	cur    atomic.Pointer[Certificate] // nil until the first issuance
 
@@ -223,8 +227,11 @@ func (m *Manager) Get(ctx context.Context, id spiffeid.ID) (*Certificate, error)
 		case <-changed:
 		case <-ctx.Done():
 			return nil, fmt.Errorf("identity: waiting for a certificate for %s: %w", id, ctx.Err())
-		case <-m.ctx.Done():
-			return nil, ErrClosed
+		case <-e.ctx.Done():
+			if m.ctx.Err() != nil {
+				return nil, ErrClosed
+			}
+			return nil, fmt.Errorf("identity: %s was forgotten while waiting for its certificate", id)
 		}
 	}
 }
@@ -310,7 +317,7 @@ func (m *Manager) entry(id spiffeid.ID) (*entry, error) {
 		return e, nil
 	}
 	ctx, cancel := context.WithCancel(m.ctx)
-	e := &entry{id: id, cancel: cancel, changed: make(chan struct{})}
+	e := &entry{id: id, ctx: ctx, cancel: cancel, changed: make(chan struct{})}
 	m.entries[id] = e
 	m.wg.Add(1)
 	go m.keep(ctx, e)
@@ -365,6 +372,9 @@ func (m *Manager) issue(ctx context.Context, id spiffeid.ID) (*Certificate, erro
 	if err != nil {
 		return nil, err
 	}
+	// A CA that accepts and then stalls must not hold renewal forever.
+	ctx, cancel := context.WithTimeout(ctx, issueTimeout)
+	defer cancel()
 	iss, err := m.opts.Issuer.Issue(ctx, id, csrPEM, key, m.opts.TTL)
 	if err != nil {
 		return nil, err

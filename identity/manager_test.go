@@ -298,3 +298,22 @@ func TestManagerGetHonoursContext(t *testing.T) {
 		t.Fatalf("Get error %v, want the context's deadline", err)
 	}
 }
+
+func TestManagerForgetWakesWaiters(t *testing.T) {
+	m, iss, _ := newTestManager(t, ManagerOptions{})
+	iss.gate = make(chan struct{})
+	defer close(iss.gate)
+	id := mustID(t, "bookinfo", "reviews")
+	got := make(chan error, 1)
+	go func() { _, err := m.Get(context.Background(), id); got <- err }()
+	eventually(t, "the CSR", func() bool { return iss.calls.Load() == 1 })
+	m.Forget(id)
+	select {
+	case err := <-got:
+		if err == nil || errors.Is(err, ErrClosed) {
+			t.Fatalf("Get after Forget: %v, want an error saying it was forgotten", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("a Get waiting on a forgotten identity was not woken")
+	}
+}

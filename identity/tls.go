@@ -34,6 +34,9 @@ func ServerConfig(local LocalWorkload, certs CertSource, bundle x509bundle.Sourc
 	return &tls.Config{
 		MinVersion: tls.VersionTLS13,
 		NextProtos: []string{ALPN},
+		// A resumed session skips the peer verification below (the bundle and trust
+		// domain checks), and veil's clients never resume: no tickets.
+		SessionTicketsDisabled: true,
 		GetConfigForClient: func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
 			if hello.Conn == nil {
 				return nil, errors.New("identity: TLS server: no connection to choose a certificate by")
@@ -46,7 +49,7 @@ func ServerConfig(local LocalWorkload, certs CertSource, bundle x509bundle.Sourc
 			if err != nil {
 				return nil, err
 			}
-			cfg := &tls.Config{MinVersion: tls.VersionTLS13, NextProtos: []string{ALPN}}
+			cfg := &tls.Config{MinVersion: tls.VersionTLS13, NextProtos: []string{ALPN}, SessionTicketsDisabled: true}
 			tlsconfig.HookMTLSServerConfig(cfg, c, bundle, tlsconfig.AuthorizeMemberOf(id.TrustDomain()))
 			cfg.MinVersion = tls.VersionTLS13
 			return cfg, nil

@@ -294,6 +294,9 @@ func Demo(ctx context.Context, name string, opts Options, w io.Writer) error {
 	if name != "" {
 		spec.Name = name
 	}
+	if err := CheckName(spec.Name); err != nil {
+		return err
+	}
 	opts.Log = w
 	_ = Down(spec.Name, opts) // a previous run that crashed
 	l, err := Up(ctx, spec, opts)

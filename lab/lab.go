@@ -242,7 +242,9 @@ func (l *Lab) start(name, ns string, argv ...string) error {
 		return fmt.Errorf("lab: start %s: %w", name, err)
 	}
 	pid := cmd.Process.Pid
-	cmd.Process.Release()
+	// Reaped when it ends, so a long-lived caller (the tests) sees it gone; a veilctl
+	// that exits first leaves it to init.
+	go cmd.Wait()
 	return os.WriteFile(l.path("pids", name+".pid"), []byte(strconv.Itoa(pid)+"\n"), 0o600)
 }
 
@@ -423,7 +425,9 @@ func (l *Lab) Apply(name string, data []byte) error {
 	if len(man.Objects) == 0 {
 		return fmt.Errorf("lab apply: %s holds no security.istio.io object", name)
 	}
-	return os.WriteFile(filepath.Join(l.ConfigDir(), configName(name)), data, 0o644)
+	// Atomically: the controller polls the directory, and a half-written file would read
+	// as a change.
+	return identity.WriteFileAtomic(filepath.Join(l.ConfigDir(), configName(name)), data, 0o644)
 }
 
 // Delete removes a file applied under name.
@@ -442,6 +446,9 @@ func configName(name string) string {
 
 // Open returns a running lab by name.
 func Open(name string, opts Options) (*Lab, error) {
+	if err := CheckName(name); err != nil {
+		return nil, err
+	}
 	opts = opts.withDefaults()
 	dir := filepath.Join(opts.StateRoot, name)
 	b, err := os.ReadFile(filepath.Join(dir, "spec.yaml"))
@@ -493,6 +500,9 @@ func (l *Lab) Status() string {
 // works from the namespaces' names alone, so it also cleans up after a crash, and it
 // is idempotent.
 func Down(name string, opts Options) error {
+	if err := CheckName(name); err != nil {
+		return err
+	}
 	opts = opts.withDefaults()
 	dir := filepath.Join(opts.StateRoot, name)
 	prefix := "veil-" + name + "-"

@@ -74,7 +74,19 @@ func LoadSpec(path string) (*Spec, error) {
 	return s, nil
 }
 
-var dnsLabel = regexp.MustCompile(`^[a-z0-9]([-a-z0-9]*[a-z0-9])?$`)
+var (
+	dnsLabel = regexp.MustCompile(`^[a-z0-9]([-a-z0-9]*[a-z0-9])?$`)
+	// labName has no '-', so "veil-NAME-" prefixes the namespaces of one lab only.
+	labName = regexp.MustCompile(`^[a-z0-9]{1,12}$`)
+)
+
+// CheckName refuses a lab name that is not 1 to 12 lowercase letters and digits.
+func CheckName(name string) error {
+	if !labName.MatchString(name) {
+		return fmt.Errorf("lab name %q: want 1 to 12 lowercase letters and digits", name)
+	}
+	return nil
+}
 
 // ParseSpec decodes and checks a spec; unknown fields are errors.
 func ParseSpec(b []byte) (*Spec, error) {
@@ -88,8 +100,8 @@ func ParseSpec(b []byte) (*Spec, error) {
 func (s *Spec) validate() error {
 	var errs []error
 	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf("lab spec: "+format, args...)) }
-	if !dnsLabel.MatchString(s.Name) || len(s.Name) > 12 {
-		bad("name %q: want a DNS label of at most 12 characters", s.Name)
+	if err := CheckName(s.Name); err != nil {
+		errs = append(errs, fmt.Errorf("lab spec: %w", err))
 	}
 	if len(s.Nodes) == 0 || len(s.Nodes) > 200 {
 		bad("nodes: want 1 to 200 nodes, got %d", len(s.Nodes))

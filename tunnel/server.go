@@ -112,25 +112,10 @@ func (s *Server) Serve(lis net.Listener) error {
 	}
 	s.listeners[lis] = struct{}{}
 	s.mu.Unlock()
-	for {
-		c, err := lis.Accept()
-		if err != nil {
-			s.mu.Lock()
-			closed := s.closed
-			delete(s.listeners, lis)
-			s.mu.Unlock()
-			if closed {
-				return ErrServerClosed
-			}
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				continue
-			}
-			return fmt.Errorf("hbone: accept: %w", err)
-		}
+	err := AcceptLoop(lis, func(c net.Conn) {
 		if !s.track(c) {
 			c.Close()
-			return ErrServerClosed
+			return
 		}
 		s.wg.Add(1)
 		go func() {
@@ -138,7 +123,16 @@ func (s *Server) Serve(lis net.Listener) error {
 			defer s.untrack(c)
 			s.serveConn(c)
 		}()
+	}, func(err error) {
+		s.Log.Error("hbone: accept failed; retrying", "addr", lis.Addr().String(), "err", err)
+	})
+	s.mu.Lock()
+	delete(s.listeners, lis)
+	s.mu.Unlock()
+	if err != nil {
+		return fmt.Errorf("hbone: accept: %w", err)
 	}
+	return ErrServerClosed
 }
 
 // Close stops every listener and connection and waits for their goroutines.
@@ -229,6 +223,9 @@ func (s *Server) serveStream(w http.ResponseWriter, r *http.Request) {
 	rc := http.NewResponseController(w)
 	if err := rc.Flush(); err != nil {
 		up.Close()
+		if s.Done != nil {
+			s.Done(req, Counts{}, err)
+		}
 		return
 	}
 	c, err := Join(up, &serverStream{body: r.Body, w: w, rc: rc})
