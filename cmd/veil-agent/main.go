@@ -51,7 +51,6 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	var (
 		node          = fs.String("node", hostname, "name of this node, as in the pods' spec.nodeName (default $NODE_NAME, else the hostname)")
-		configDir     = fs.String("config-dir", "", "read the config from this directory of Kubernetes YAML (Namespaces, Pods, Services, security.istio.io policies), re-read on change, instead of the controller's stream")
 		configCache   = fs.String("config-cache", "/var/lib/veil/config.cache", "file holding the last good config from the controller, enforced at start until the controller answers; empty disables")
 		caAddr        = fs.String("ca-addr", "", "address of the CA (veil-controller, or istiod), host:port (required)")
 		caServerName  = fs.String("ca-server-name", "veil-controller", "name in the CA's TLS certificate")
@@ -160,26 +159,17 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	// The config comes from the controller's stream, or from a directory. Either way what
-	// is known is applied before the listeners open.
-	var source interface{ Run(context.Context) error }
-	if *configDir != "" {
-		src := &agent.DirSource{Dir: *configDir, Agent: a, Log: log}
-		if err := src.Load(); err != nil {
-			log.Warn("config has errors; serving what is valid", "err", err)
+	// The config comes from the controller's stream; what the cache holds is enforced
+	// before the listeners open, so a restart while the controller is away fails closed
+	// on the last good config, not open on none.
+	if *configCache != "" {
+		if err := os.MkdirAll(filepath.Dir(*configCache), 0o700); err != nil {
+			return fmt.Errorf("--config-cache: %w", err)
 		}
-		source = src
-	} else {
-		if *configCache != "" {
-			if err := os.MkdirAll(filepath.Dir(*configCache), 0o700); err != nil {
-				return fmt.Errorf("--config-cache: %w", err)
-			}
-		}
-		src := &agent.ControllerSource{Agent: a, Conn: conn, CacheFile: *configCache, Log: log}
-		if err := src.LoadCache(); err != nil {
-			log.Warn("config cache not used", "file", *configCache, "err", err)
-		}
-		source = src
+	}
+	source := &agent.ControllerSource{Agent: a, Conn: conn, CacheFile: *configCache, Log: log}
+	if err := source.LoadCache(); err != nil {
+		log.Warn("config cache not used", "file", *configCache, "err", err)
 	}
 	if err := a.Start(); err != nil {
 		return err

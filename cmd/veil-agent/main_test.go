@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"os"
@@ -15,7 +16,7 @@ import (
 
 	"github.com/veilmesh/veil/controller"
 	"github.com/veilmesh/veil/identity"
-	"github.com/veilmesh/veil/internal/cluster"
+	"google.golang.org/grpc"
 )
 
 const pods = `
@@ -36,8 +37,9 @@ spec: {serviceAccountName: ratings, nodeName: node-2}
 status: {podIP: 10.77.2.11}
 `
 
-// TestAgentFetchesCertificatesOfItsPods runs the agent binary's main against a real CA
-// server: it obtains the certificate of its node's pod (and only that one), and serves
+// TestAgentFetchesCertificatesOfItsPods runs the agent binary's main against a real
+// controller (CA and config stream): it learns its pods from the stream, obtains the
+// certificate of its node's pod (and only that one), caches the config, and serves
 // readiness, metrics and the admin endpoints.
 func TestAgentFetchesCertificatesOfItsPods(t *testing.T) {
 	if os.Geteuid() != 0 {
@@ -55,24 +57,38 @@ func TestAgentFetchesCertificatesOfItsPods(t *testing.T) {
 		t.Fatal(err)
 	}
 	auth, _ := identity.NewNodeTokens(map[string]string{"node-1": token})
-	st, _, _ := cluster.LoadDir(cfg)
-	place, _ := controller.Placement(ca.TrustDomain(), st.Pods)
+	// What veil-controller runs: the CA and the config stream from the directory.
+	src := &controller.DirSource{Dir: cfg, Log: slog.New(slog.DiscardHandler)}
+	first, err := src.Load()
+	if err != nil {
+		t.Fatal(err)
+	}
+	place := &controller.LivePlacement{}
+	config := &controller.ConfigServer{Auth: auth, Source: src, Log: slog.New(slog.DiscardHandler),
+		OnConfig: func(c *controller.Config) { place.Update(ca.TrustDomain(), c.Cluster.Pods) }}
+	config.OnConfig(first)
+	if _, err := config.Set(first); err != nil {
+		t.Fatal(err)
+	}
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
+	configDone := make(chan error, 1)
+	go func() { configDone <- config.Run(ctx) }()
 	caDone := make(chan error, 1)
 	go func() {
-		caDone <- (&controller.CAServer{CA: ca, Auth: auth, Workloads: place, ServerNames: []string{"veil-controller"}}).Serve(ctx, lis)
+		caDone <- (&controller.CAServer{CA: ca, Auth: auth, Workloads: place, ServerNames: []string{"veil-controller"},
+			Services: []interface{ Register(*grpc.Server) }{config}, Log: slog.New(slog.DiscardHandler)}).Serve(ctx, lis)
 	}()
 
 	pr, pw := io.Pipe()
 	agentDone := make(chan error, 1)
 	go func() {
 		agentDone <- run(ctx, []string{
-			"--node", "node-1", "--config-dir", cfg, "--ca-addr", lis.Addr().String(),
+			"--node", "node-1", "--config-cache", filepath.Join(dir, "config.cache"), "--ca-addr", lis.Addr().String(),
 			"--ca-root", filepath.Join(dir, "ca", identity.RootCertFile), "--token-file", filepath.Join(dir, "token"),
 			"--capture=false", "--outbound-addr", "127.0.0.1:0", "--plaintext-addr", "127.0.0.1:0", "--hbone-addr", "127.0.0.1:0",
 			"--metrics-addr", "127.0.0.1:0", "--ready-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0",
@@ -126,6 +142,11 @@ func TestAgentFetchesCertificatesOfItsPods(t *testing.T) {
 		t.Fatalf("agent: %v", err)
 	}
 	<-caDone
+	<-configDone
+	// The config that came over the stream was cached for the next start.
+	if st, err := os.Stat(filepath.Join(dir, "config.cache")); err != nil || st.Size() == 0 {
+		t.Fatalf("config cache: %v", err)
+	}
 }
 
 func TestAgentRejectsMissingFlags(t *testing.T) {
