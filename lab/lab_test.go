@@ -42,6 +42,9 @@ func TestMain(m *testing.M) {
 func upLab(t *testing.T) *Lab {
 	t.Helper()
 	if os.Geteuid() != 0 {
+		if os.Getenv("CI") != "" {
+			t.Fatal("CI must run the kernel tests as root: " + "needs root (network namespaces, eBPF); CI runs it as root")
+		}
 		t.Skip("needs root (network namespaces, eBPF); CI runs it as root")
 	}
 	spec := DefaultSpec()

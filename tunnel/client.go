@@ -172,6 +172,7 @@ func (p *Pool) get(ctx context.Context, k Key) (*poolConn, error) {
 		}
 		e := p.entries[k]
 		if e == nil {
+			p.sweepLocked()
 			e = &poolEntry{}
 			p.entries[k] = e
 		}
@@ -231,6 +232,27 @@ func (p *Pool) get(ctx context.Context, k Key) (*poolConn, error) {
 			return nil, err
 		}
 		return pc, nil
+	}
+}
+
+// sweepLocked drops the entries of keys whose connections have all closed (idle, gone
+// away) and that no one is dialling, so the map does not grow with every pod that ever
+// talked. It runs when a new key arrives, which is rare next to streams. p.mu is held.
+func (p *Pool) sweepLocked() {
+	for k, e := range p.entries {
+		if e.dialing != nil {
+			continue
+		}
+		live := false
+		for _, pc := range e.conns {
+			if st := pc.cc.State(); !st.Closed && !st.Closing {
+				live = true
+				break
+			}
+		}
+		if !live {
+			delete(p.entries, k)
+		}
 	}
 }
 

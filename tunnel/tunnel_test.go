@@ -282,6 +282,14 @@ func TestPoolClosesIdleConnections(t *testing.T) {
 	io.ReadAll(s)
 	s.Close()
 	eventually(t, "the idle connection to close", func() bool { return p.Conns(k) == 0 })
+	// A new key sweeps the dead one out of the pool's map.
+	connect(t, p, Key{Src: legacy, Dst: reviews, Addr: hb.addr}, app)
+	p.mu.Lock()
+	_, stale := p.entries[k]
+	p.mu.Unlock()
+	if stale {
+		t.Fatal("the idle key is still in the pool's map")
+	}
 }
 
 func TestPoolEvictsFailedConnection(t *testing.T) {
