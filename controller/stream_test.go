@@ -3,6 +3,8 @@ package controller
 import (
 	"bytes"
 	"context"
+	"errors"
+	"io"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -103,7 +105,9 @@ func (s *streamServer) subscribe(t *testing.T, token string, sub *api.Subscribe)
 	if err != nil {
 		return nil, err
 	}
-	if err := stream.Send(&api.AgentMessage{Message: &api.AgentMessage_Subscribe{Subscribe: sub}}); err != nil {
+	// io.EOF from Send means the server already ended the stream (a refusal can beat the
+	// first message); its status comes from Recv.
+	if err := stream.Send(&api.AgentMessage{Message: &api.AgentMessage_Subscribe{Subscribe: sub}}); err != nil && !errors.Is(err, io.EOF) {
 		return nil, err
 	}
 	return &subscriber{t: t, stream: stream}, nil
