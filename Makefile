@@ -1,5 +1,7 @@
 # veil — build, test and benchmark. `make help` lists the targets.
 GO       ?= go
+# sudo's secure_path drops /usr/local/go/bin: keep it reachable for `sudo make demo`.
+export PATH := $(PATH):/usr/local/go/bin
 PKGS     ?= ./...
 BENCHTIME ?= 1s
 BIN      := bin
