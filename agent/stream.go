@@ -234,10 +234,12 @@ func (s *ControllerSource) apply(p *api.Push, cache bool) error {
 		return err
 	}
 	if len(ch.objs) > 0 || len(ch.deleted) > 0 {
-		// Validated above with the same options: an error here is a bug, and the
-		// objects it names keep their last good version in the store.
+		// Validated above with the same options, so this should not fail; if it does, the
+		// objects it names keep their last good version in the store, and the push is
+		// NACKed rather than acknowledged as held.
 		if err := s.Agent.ApplyPolicies(ch.objs, ch.deleted); err != nil {
 			s.log().Error("config stream: policy store rejected a validated policy", "version", p.GetVersion(), "err", err)
+			return err
 		}
 	}
 	if ch.cluster {

@@ -430,7 +430,12 @@ int veil_ingress(struct __sk_buff *skb)
 	if (p == P_BAD_L4)
 		return decide(skb, D_DROP_MALFORMED, TC_ACT_SHOT);
 
+	/* An excluded destination is reached directly, and so are its answers: a packet of
+	 * an existing connection (not a new SYN) from an excluded address to a pod. A new
+	 * connection from an excluded address to a pod is still captured. */
 	if (from_pod && lpm_match(&veil_exclude, &f.daddr, f.v6))
+		return decide(skb, D_PASS_EXCLUDED, VEIL_NEXT);
+	if (!from_pod && !f.syn && lpm_match(&veil_exclude, &f.saddr, f.v6))
 		return decide(skb, D_PASS_EXCLUDED, VEIL_NEXT);
 
 	sk = lookup_established(skb, &f);
