@@ -41,6 +41,8 @@ type DirSource struct {
 
 	last   map[api.Key]kept
 	digest uint64
+	served bool // a clean load has been passed to update
+	loaded bool // Run has loaded the directory at least once
 }
 
 // kept is an object as last read good, and the file it came from.
@@ -112,22 +114,37 @@ func (s *DirSource) Load() (cfg *Config, err error) {
 				errs = append(errs, e)
 			}
 		}
+		// Every object is checked as each agent will check it: encoded for the stream and
+		// decoded. One an agent would refuse is not served (its last good version is),
+		// or every push would be NACKed and config would freeze on every node.
+		servable := func(k api.Key, file string, v kept, r *api.Resource, err error) {
+			if err == nil {
+				_, _, err = r.Decode()
+			}
+			if err != nil {
+				keep[k] = true
+				errs = append(errs, fmt.Errorf("%s: %s: %w", file, k, err))
+				return
+			}
+			put(k, v)
+		}
 		for _, o := range m.Objects {
 			if _, err := policy.Validate(o, s.Policy); err != nil {
 				keep[policyKey(o.Key())] = true
 				errs = append(errs, err)
 				continue
 			}
-			put(policyKey(o.Key()), kept{file: file, pol: o})
+			r, err := api.PolicyResource(o)
+			servable(policyKey(o.Key()), file, kept{file: file, pol: o}, r, err)
 		}
 		for _, ns := range sortedNamespaces(st) {
-			put(api.Key{Kind: api.Kind_KIND_NAMESPACE, Name: ns.Name}, kept{file: file, ns: ns})
+			servable(api.Key{Kind: api.Kind_KIND_NAMESPACE, Name: ns.Name}, file, kept{file: file, ns: ns}, api.NamespaceResource(ns), nil)
 		}
 		for _, p := range st.Pods {
-			put(api.Key{Kind: api.Kind_KIND_WORKLOAD, Namespace: p.Namespace, Name: p.Name}, kept{file: file, pod: p})
+			servable(api.Key{Kind: api.Kind_KIND_WORKLOAD, Namespace: p.Namespace, Name: p.Name}, file, kept{file: file, pod: p}, api.WorkloadResource(st, p), nil)
 		}
 		for _, svc := range st.Services {
-			put(api.Key{Kind: api.Kind_KIND_SERVICE, Namespace: svc.Namespace, Name: svc.Name}, kept{file: file, svc: svc})
+			servable(api.Key{Kind: api.Kind_KIND_SERVICE, Namespace: svc.Namespace, Name: svc.Name}, file, kept{file: file, svc: svc}, api.ServiceResource(svc), nil)
 		}
 	}
 	for k, v := range s.last {
@@ -183,9 +200,10 @@ func (s *DirSource) Run(ctx context.Context, update func(*Config)) error {
 			log.Warn("config: cannot read directory; serving the last good config", "dir", s.Dir, "err", err)
 			return false
 		}
-		if d == s.digest && s.last != nil {
+		if d == s.digest && s.loaded {
 			return true
 		}
+		s.loaded = true
 		// Let a write in progress finish: a file caught half written may parse as
 		// valid YAML holding fewer objects, and those would be deleted for a moment.
 		for settle := min(interval/4, 50*time.Millisecond); s.last != nil; {
@@ -206,6 +224,16 @@ func (s *DirSource) Run(ctx context.Context, update func(*Config)) error {
 		for _, e := range unjoin(err) {
 			log.Warn("config: object ignored", "dir", s.Dir, "err", e)
 		}
+		// Until one load is clean nothing is served: with no last good version to keep,
+		// a broken file would mean its DENY policies, or its pods, missing everywhere,
+		// and a restarted controller must not loosen what the agents (from their
+		// caches) enforce.
+		if !s.served && err != nil {
+			s.last = nil
+			log.Error("config: not serving until the directory loads without errors; agents keep their last good config", "dir", s.Dir, "errors", len(unjoin(err)))
+			return true
+		}
+		s.served = true
 		log.Info("config: loaded", "dir", s.Dir, "namespaces", len(cfg.Cluster.Namespaces), "pods", len(cfg.Cluster.Pods),
 			"services", len(cfg.Cluster.Services), "policies", len(cfg.Policies), "errors", len(unjoin(err)), "took", time.Since(start))
 		update(cfg)

@@ -117,7 +117,9 @@ func TestDirSourceKeepsLastGoodVersion(t *testing.T) {
 	}
 }
 
-func TestDirSourceFirstLoadWithBadFileServesTheRest(t *testing.T) {
+// Load reports a bad file and returns the rest; Run does not serve that (see
+// TestDirSourceRunServesNothingUntilTheFirstCleanLoad).
+func TestDirSourceLoadWithBadFileReturnsTheRest(t *testing.T) {
 	dir := t.TempDir()
 	copyTestdata(t, dir, map[string]string{"cluster.yaml": "config/cluster.yaml", "policy.yaml": "policy-broken-syntax.yaml"})
 	cfg, err := (&DirSource{Dir: dir}).Load()
@@ -175,5 +177,65 @@ func TestDirSourceRunFollowsChangesAndPlacementFollows(t *testing.T) {
 	cancel()
 	if err := <-done; err != nil {
 		t.Fatal(err)
+	}
+}
+
+// A controller (re)started while a file is broken does not know that file's last good
+// objects: serving the rest would drop them from every agent. It serves nothing until
+// the directory loads cleanly; agents keep their cached config meanwhile.
+func TestDirSourceRunServesNothingUntilTheFirstCleanLoad(t *testing.T) {
+	dir := t.TempDir()
+	copyTestdata(t, dir, map[string]string{"cluster.yaml": "config/cluster.yaml", "policy.yaml": "policy-broken-syntax.yaml"})
+	var mu sync.Mutex
+	var got []*Config
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	src := &DirSource{Dir: dir, Interval: 5 * time.Millisecond, Log: slog.New(slog.DiscardHandler)}
+	go func() {
+		done <- src.Run(ctx, func(c *Config) { mu.Lock(); got = append(got, c); mu.Unlock() })
+	}()
+	n := func() int { mu.Lock(); defer mu.Unlock(); return len(got) }
+	time.Sleep(100 * time.Millisecond)
+	if n() != 0 {
+		t.Fatalf("served %d configs while a file is broken at start", n())
+	}
+	if err := os.Remove(filepath.Join(dir, "policy.yaml")); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the first clean load", func() bool { return n() == 1 })
+	if c := got[0]; len(c.Cluster.Pods) != 2 {
+		t.Fatalf("served %s", summary(c))
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+}
+
+// An object the agents would refuse (here a Service protocol in lower case, which
+// Kubernetes itself rejects) is not served: one such object in a push would make every
+// agent NACK every push.
+func TestDirSourceServesOnlyWhatAgentsAccept(t *testing.T) {
+	dir := t.TempDir()
+	copyTestdata(t, dir, map[string]string{"cluster.yaml": "config/cluster.yaml"})
+	bad := `apiVersion: v1
+kind: Service
+metadata: {name: lower, namespace: bookinfo}
+spec:
+  clusterIP: 10.96.0.99
+  selector: {app: reviews}
+  ports: [{port: 80, protocol: tcp}]
+`
+	if err := os.WriteFile(filepath.Join(dir, "svc.yaml"), []byte(bad), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := (&DirSource{Dir: dir}).Load()
+	if err == nil || !strings.Contains(err.Error(), "bookinfo/lower") || !strings.Contains(err.Error(), "protocol") {
+		t.Fatalf("Load error %v, want one naming the service and field", err)
+	}
+	for _, svc := range cfg.Cluster.Services {
+		if svc.Name == "lower" {
+			t.Fatal("served a Service every agent would refuse")
+		}
 	}
 }

@@ -122,11 +122,14 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		},
 		Log: log,
 	}
-	// Serve the first load at once: neither a CA request nor a subscription meets an
-	// empty config. Its problems are logged by the source's Run, which reads it again.
-	config.OnConfig(first)
-	if _, err := config.Set(first); err != nil {
-		log.Warn("config: objects not served", "err", err)
+	// Serve a clean first load at once: neither a CA request nor a subscription meets an
+	// empty config. One with errors is not served at all (the source's Run logs them and
+	// waits for a clean load): a partial config could loosen what agents enforce.
+	if err == nil {
+		config.OnConfig(first)
+		if _, err := config.Set(first); err != nil {
+			log.Warn("config: objects not served", "err", err)
+		}
 	}
 
 	lis, err := net.Listen("tcp", *listen)
