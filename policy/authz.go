@@ -3,6 +3,7 @@ package policy
 import (
 	"net/netip"
 	"regexp"
+	"strconv"
 	"strings"
 
 	securityv1beta1 "istio.io/api/security/v1beta1"
@@ -229,7 +230,7 @@ func newCompiler(opts Options) *compiler {
 func (c *compiler) compilePolicy(o *Object) *Policy {
 	ap := o.AuthorizationPolicy
 	p := &Policy{Namespace: o.Namespace, Name: o.Name, Action: ap.Action, Provider: ap.GetProvider().GetName(),
-		DryRun: o.Annotations["istio.io/dry-run"] == "true", Origin: o.Key(), Object: o,
+		DryRun: dryRun(o), Origin: o.Key(), Object: o,
 		targeted: ap.TargetRef != nil || len(ap.TargetRefs) > 0}
 	switch {
 	case p.targeted:
@@ -640,3 +641,12 @@ func ruleOnlyHTTP(r *securityv1beta1.Rule) bool {
 	}
 	return len(l7) > 0
 }
+
+// dryRun reads the istio.io/dry-run annotation as Istio does (strconv.ParseBool);
+// Validate rejects a value that does not parse.
+func dryRun(o *Object) bool {
+	b, _ := strconv.ParseBool(o.Annotations[dryRunAnnotation])
+	return b
+}
+
+const dryRunAnnotation = "istio.io/dry-run"

@@ -243,6 +243,33 @@ func pickDeny(s *policySet) *ruleIndex   { return &s.deny }
 func pickAllow(s *policySet) *ruleIndex  { return &s.allow }
 func pickAudit(s *policySet) *ruleIndex  { return &s.audit }
 func pickCustom(s *policySet) *ruleIndex { return &s.custom }
+
+// customConflict returns the first enforced CUSTOM policy when the workload's CUSTOM
+// policies name more than one provider, else nil. It does not allocate.
+func customConflict(sets *[4]*policySet) *Policy {
+	var first *Policy
+	conflict := false
+	for _, s := range sets {
+		if s == nil {
+			continue
+		}
+		for _, p := range s.policies {
+			if p.Action != ActionCustom || p.DryRun {
+				continue
+			}
+			if first != nil && p.Provider != first.Provider {
+				conflict = true
+			}
+			if first == nil || p.order < first.order {
+				first = p
+			}
+		}
+	}
+	if conflict {
+		return first
+	}
+	return nil
+}
 func pickDryRun(s *policySet) *ruleIndex { return &s.dryRun }
 
 // decide runs the decision procedure of ISTIO-SEMANTICS §2.4 / §2.9.
@@ -268,6 +295,12 @@ func (e *enforcement) decide(r *Request, l layer, extra *policySet) Decision {
 		d.DryRun = firstAcross(&sets, pickDryRun, r)
 	}
 	if custom && l == layerL7 {
+		// Only one CUSTOM provider per workload: a conflict becomes deny-all (§2.4 step 1),
+		// as istiod generates it. [Envoy]
+		if p := customConflict(&sets); p != nil {
+			d.Reason, d.Policy = ReasonDenied, p
+			return d
+		}
 		// CUSTOM is consulted first; veil reports it, the caller asks the provider.
 		d.Custom = firstAcross(&sets, pickCustom, r)
 		d.Audit = firstAcross(&sets, pickAudit, r)
@@ -603,8 +636,11 @@ func (s *Snapshot) attachGateway(cw *CompiledWorkload, gateway, root string) {
 				case ref.Kind == "GatewayClass" && ref.Name == "istio-waypoint" && w.Waypoint && p.Namespace == root:
 					attached = append(attached, p)
 				case (ref.Kind == "Service" || ref.Kind == "ServiceEntry") && w.Waypoint:
+					// Each Service reference attaches the policy for that Service: look at
+					// the others too (§0: any one reference matches, per Service).
 					k := ServiceRef{ref.Kind, p.Namespace, ref.Name}
 					byService[k] = append(byService[k], p)
+					continue
 				default:
 					continue
 				}

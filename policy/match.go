@@ -409,7 +409,13 @@ func parseIPBlock(s string) (netip.Prefix, error) {
 		if err != nil {
 			return netip.Prefix{}, err
 		}
-		return netip.PrefixFrom(p.Addr().Unmap(), p.Bits()).Masked(), nil
+		// An IPv4-mapped prefix covers IPv4 addresses only from /96 on: there it becomes
+		// the IPv4 prefix 96 bits shorter. A shorter one stays IPv6 (and so matches no
+		// IPv4 client), never a wider IPv4 range.
+		if p.Addr().Is4In6() && p.Bits() >= 96 {
+			return netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96).Masked(), nil
+		}
+		return p.Masked(), nil
 	}
 	a, err := netip.ParseAddr(s)
 	if err != nil {

@@ -155,6 +155,15 @@ func (v *validator) peerAuthentication(pa *securityv1beta1.PeerAuthentication) {
 func (v *validator) authorizationPolicy(ap *securityv1beta1.AuthorizationPolicy) {
 	v.targeting(ap.Selector, ap.TargetRef, ap.TargetRefs)
 	action := ap.Action
+	// istio.io/dry-run is read with strconv.ParseBool, and only ALLOW and DENY can be
+	// dry-run (as Istio's webhook checks).
+	if val, ok := v.o.Annotations[dryRunAnnotation]; ok {
+		if _, err := strconv.ParseBool(val); err != nil {
+			v.errorf("metadata.annotations["+dryRunAnnotation+"]", "%q is not a boolean", val)
+		} else if action != securityv1beta1.AuthorizationPolicy_ALLOW && action != securityv1beta1.AuthorizationPolicy_DENY {
+			v.errorf("metadata.annotations["+dryRunAnnotation+"]", "dry-run applies only to ALLOW and DENY policies, not %s", action)
+		}
+	}
 	switch action {
 	case securityv1beta1.AuthorizationPolicy_DENY:
 		if len(ap.Rules) == 0 {
