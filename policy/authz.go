@@ -102,6 +102,26 @@ type JWT struct {
 	Issuer, Subject string
 	// Claims is the decoded payload (aud, azp, scope, nested objects...).
 	Claims map[string]any
+	// SpaceDelimited lists the top-level claims that the RequestAuthentication rule which
+	// verified the token names in spaceDelimitedClaims: like scope and permission, their
+	// string values are split on spaces before matching (ISTIO-SEMANTICS §2.6).
+	SpaceDelimited []string
+}
+
+// splits reports whether claim path key is space-delimited for this token.
+func (j *JWT) splits(key []string, always bool) bool {
+	if always {
+		return true
+	}
+	if len(key) != 1 {
+		return false
+	}
+	for _, c := range j.SpaceDelimited {
+		if c == key[0] {
+			return true
+		}
+	}
+	return false
 }
 
 func (r *Request) header(name string) ([]string, bool) {
@@ -373,10 +393,6 @@ func addPred(m *match, p pred, n int) {
 func (c *compiler) source(s *securityv1beta1.Source, policyNS string, l layer, l7fields *[]string) match {
 	var m match
 	principal := newStrMatch
-	namespace := newStrMatch // ztunnel: exact/prefix/suffix/presence; a middle * is literal
-	if l == layerL7 {
-		namespace = newGlobMatch // Envoy: every * is a wildcard
-	}
 	princ := func(vals []string) []strMatch {
 		if l == layerL7 {
 			vals = c.expandPrincipals(vals)
@@ -385,8 +401,15 @@ func (c *compiler) source(s *securityv1beta1.Source, policyNS string, l layer, l
 	}
 	addPred(&m, pred{attr: attrPrincipal, strs: princ(s.Principals)}, len(s.Principals))
 	addPred(&m, pred{attr: attrPrincipal, not: true, strs: princ(s.NotPrincipals)}, len(s.NotPrincipals))
-	addPred(&m, pred{attr: attrNamespace, strs: strMatches(s.Namespaces, namespace)}, len(s.Namespaces))
-	addPred(&m, pred{attr: attrNamespace, not: true, strs: strMatches(s.NotNamespaces, namespace)}, len(s.NotNamespaces))
+	if l == layerL7 {
+		// Envoy: a regex over the URI SAN, every * a wildcard.
+		addPred(&m, pred{attr: attrNamespaceE, res: namespaceRegexps(s.Namespaces)}, len(s.Namespaces))
+		addPred(&m, pred{attr: attrNamespaceE, not: true, res: namespaceRegexps(s.NotNamespaces)}, len(s.NotNamespaces))
+	} else {
+		// ztunnel: exact/prefix/suffix/presence on the parsed namespace; a middle * is literal.
+		addPred(&m, pred{attr: attrNamespace, strs: strMatches(s.Namespaces, newStrMatch)}, len(s.Namespaces))
+		addPred(&m, pred{attr: attrNamespace, not: true, strs: strMatches(s.NotNamespaces, newStrMatch)}, len(s.NotNamespaces))
+	}
 	addPred(&m, pred{attr: c.saAttr(l), sas: saMatches(s.ServiceAccounts, policyNS, l)}, len(s.ServiceAccounts))
 	addPred(&m, pred{attr: c.saAttr(l), not: true, sas: saMatches(s.NotServiceAccounts, policyNS, l)}, len(s.NotServiceAccounts))
 	addPred(&m, pred{attr: attrSourceIP, cidrs: cidrs(s.IpBlocks)}, len(s.IpBlocks))
@@ -588,11 +611,10 @@ func (c *compiler) condition(w *securityv1beta1.Condition, policyNS string, l la
 			}
 			p.attr, p.strs = attrPrincipal, strMatches(vals, newStrMatch)
 		case key == "source.namespace":
-			p.attr = attrNamespace
 			if l == layerL7 {
-				p.strs = strMatches(vals, newGlobMatch)
+				p.attr, p.res = attrNamespaceE, namespaceRegexps(vals)
 			} else {
-				p.strs = strMatches(vals, newStrMatch)
+				p.attr, p.strs = attrNamespace, strMatches(vals, newStrMatch)
 			}
 		case key == "source.serviceAccount":
 			p.attr, p.sas = attrServiceAccountE, saMatches(vals, policyNS, layerL7)

@@ -15,7 +15,6 @@ const (
 	strPrefix           // "foo*"
 	strSuffix           // "*foo"
 	strPresence         // "*": any non-empty value
-	strGlob             // "a*b": Envoy's regex treatment of namespaces, each * is .*
 )
 
 // strMatch matches one string attribute. fold makes it case-insensitive (hosts).
@@ -23,7 +22,6 @@ type strMatch struct {
 	kind strKind
 	fold bool
 	s    string
-	glob []string // strGlob: the parts between the stars
 }
 
 // newStrMatch compiles an Istio string value: only a leading or trailing * is special.
@@ -39,12 +37,19 @@ func newStrMatch(v string) strMatch {
 	return strMatch{kind: strExact, s: v}
 }
 
-// newGlobMatch compiles a value in which every * is a wildcard (Envoy namespaces).
-func newGlobMatch(v string) strMatch {
-	if strings.Count(v, "*") == 0 {
-		return strMatch{kind: strExact, s: v}
+// namespaceRegexps compiles namespace values as Envoy does (ISTIO-SEMANTICS §2.6): the
+// regex .*/ns/<v>/.* over the peer's URI SAN, each * in v a .*, everything else literal.
+// A wildcard may so span path segments, and a non-Istio URI can match too. [Envoy]
+func namespaceRegexps(vals []string) []*regexp.Regexp {
+	out := make([]*regexp.Regexp, 0, len(vals))
+	for _, v := range vals {
+		parts := strings.Split(v, "*")
+		for i := range parts {
+			parts[i] = regexp.QuoteMeta(parts[i])
+		}
+		out = append(out, regexp.MustCompile("^.*/ns/"+strings.Join(parts, ".*")+"/.*$"))
 	}
-	return strMatch{kind: strGlob, glob: strings.Split(v, "*")}
+	return out
 }
 
 func (m *strMatch) match(v string) bool {
@@ -66,27 +71,8 @@ func (m *strMatch) match(v string) bool {
 			return len(v) >= len(m.s) && strings.EqualFold(v[len(v)-len(m.s):], m.s)
 		}
 		return strings.HasSuffix(v, m.s)
-	case strGlob:
-		return globMatch(m.glob, v)
 	}
 	return false
-}
-
-// globMatch reports whether v matches parts joined by "*" wildcards.
-func globMatch(parts []string, v string) bool {
-	if !strings.HasPrefix(v, parts[0]) {
-		return false
-	}
-	v = v[len(parts[0]):]
-	last := len(parts) - 1
-	for _, p := range parts[1:last] {
-		i := strings.Index(v, p)
-		if i < 0 {
-			return false
-		}
-		v = v[i+len(p):]
-	}
-	return strings.HasSuffix(v, parts[last])
 }
 
 // attr names a connection or request attribute.
@@ -94,7 +80,8 @@ type attr uint8
 
 const (
 	attrPrincipal        attr = iota + 1 // peer identity without spiffe://
-	attrNamespace                        // peer namespace from the identity
+	attrNamespace                        // ztunnel: peer namespace from the identity
+	attrNamespaceE                       // Envoy: regex .*/ns/<v>/.* over the URI SAN
 	attrServiceAccountZ                  // ztunnel: exact namespace + service account
 	attrServiceAccountE                  // Envoy: regex over the URI SAN
 	attrTrustDomain                      // peer trust domain (Envoy only)
@@ -123,6 +110,7 @@ type pred struct {
 	cidrs []netip.Prefix
 	ports []uint16
 	sas   []saMatch
+	res   []*regexp.Regexp // attrNamespaceE
 	reqs  []reqPrincipalMatch
 	paths []pathMatch
 	key   []string // header name (lower case) or claim path
@@ -162,6 +150,16 @@ func (p *pred) anyMatch(r *Request) bool {
 		return ok && matchAnyStr(p.strs, pr)
 	case attrNamespace:
 		return r.Peer.Namespace != "" && matchAnyStr(p.strs, r.Peer.Namespace)
+	case attrNamespaceE:
+		if r.Peer.URI == "" {
+			return false
+		}
+		for _, re := range p.res {
+			if re.MatchString(r.Peer.URI) {
+				return true
+			}
+		}
+		return false
 	case attrTrustDomain:
 		td := r.Peer.uriTrustDomain()
 		return td != "" && matchAnyStr(p.strs, td)
@@ -250,7 +248,7 @@ func (p *pred) anyMatch(r *Request) bool {
 		if r.JWT == nil {
 			return false
 		}
-		return matchClaim(p.strs, lookupClaim(r.JWT.Claims, p.key), p.split)
+		return matchClaim(p.strs, lookupClaim(r.JWT.Claims, p.key), r.JWT.splits(p.key, p.split))
 	case attrAudience:
 		return r.JWT != nil && matchClaim(p.strs, r.JWT.Claims["aud"], false)
 	case attrPresenter:

@@ -80,3 +80,44 @@ func TestDryRunAnnotation(t *testing.T) {
 		}
 	}
 }
+
+// §2.6 namespaces [Envoy]: at L7 the value is the regex .*/ns/<v>/.* over the URI SAN, so a
+// * may span segments and a non-Istio URI is matched too; at L4 (ztunnel) the parsed
+// namespace is matched, a middle * literally.
+func TestNamespacesAtL7AreARegexOverTheURI(t *testing.T) {
+	allow := Compile(load(t, apYAML("ns", "a", "  rules: [{from: [{source: {namespaces: [\"*a\"]}}]}]")), nil, Options{}).Compile(wl("ns/app"))
+	if got := decisionOf(allow.EvaluateHTTP(httpReq("foo/bar", 80, "GET", "/"))); got != "allow by ns/a" {
+		t.Errorf("namespaces [*a], peer ns/foo/sa/bar at L7: %q, want allowed (the regex spans foo/s...a/)", got)
+	}
+	deny := Compile(load(t, apYAML("ns", "d", "  action: DENY\n  rules: [{from: [{source: {namespaces: [prod]}}]}]")), nil, Options{}).Compile(wl("ns/app"))
+	if got := decisionOf(deny.EvaluateHTTP(httpReq("spiffe://cluster.local/ns/prod/sa/bar/k/v", 80, "GET", "/"))); got != "deny by ns/d" {
+		t.Errorf("DENY namespaces [prod], non-Istio URI in prod at L7: %q, want denied", got)
+	}
+	mid := Compile(load(t, apYAML("ns", "m", "  rules: [{from: [{source: {namespaces: [\"ns.*.prod\"]}}]}]")), nil, Options{}).Compile(wl("ns/app"))
+	if got := decisionOf(mid.EvaluateHTTP(httpReq("ns.eu.prod/x", 80, "GET", "/"))); got != "allow by ns/m" {
+		t.Errorf("middle * at L7: %q, want allowed", got)
+	}
+	if got := decisionOf(mid.EvaluateL4(from("ns.eu.prod/x", 80))); got != "deny: not allowed" {
+		t.Errorf("middle * at L4: %q, want it taken literally (not allowed)", got)
+	}
+	if got := decisionOf(mid.EvaluateHTTP(httpReq("nsXeuXprod/x", 80, "GET", "/"))); got == "allow by ns/m" {
+		t.Errorf("dots must be literal in the L7 regex")
+	}
+}
+
+// §2.6 claims: a claim the verifying RequestAuthentication lists in spaceDelimitedClaims is
+// split on spaces, like scope and permission.
+func TestSpaceDelimitedClaims(t *testing.T) {
+	w := Compile(load(t, apYAML("ns", "admins", "  rules: [{when: [{key: \"request.auth.claims[roles]\", values: [admin]}]}]")), nil, Options{}).Compile(wl("ns/app"))
+	req := func(delimited ...string) *Request {
+		r := httpReq("x/y", 80, "GET", "/")
+		r.JWT = &JWT{Issuer: "iss", Subject: "sub", Claims: map[string]any{"roles": "user admin"}, SpaceDelimited: delimited}
+		return r
+	}
+	if got := decisionOf(w.EvaluateHTTP(req("roles"))); got != "allow by ns/admins" {
+		t.Errorf("roles listed as space-delimited: %q, want allowed", got)
+	}
+	if got := decisionOf(w.EvaluateHTTP(req())); got != "deny: not allowed" {
+		t.Errorf("roles not listed: %q, want the whole string compared (not allowed)", got)
+	}
+}

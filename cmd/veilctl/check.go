@@ -142,6 +142,17 @@ func policyCheck(_ context.Context, args []string, stdout, stderr io.Writer) err
 		if err != nil {
 			return err
 		}
+		if req.JWT != nil {
+			// As the waypoint will: the rules of the workload's RequestAuthentications
+			// for the token's issuer say which claims are space-delimited.
+			for _, o := range cw.RequestAuthentications {
+				for _, rule := range o.RequestAuthentication.GetJwtRules() {
+					if rule.GetIssuer() == req.JWT.Issuer {
+						req.JWT.SpaceDelimited = append(req.JWT.SpaceDelimited, rule.GetSpaceDelimitedClaims()...)
+					}
+				}
+			}
+		}
 		d = cw.EvaluateHTTP(req)
 	} else {
 		d = cw.EvaluateL4(&conn)
