@@ -616,7 +616,17 @@ func (s *Snapshot) attachGateway(cw *CompiledWorkload, gateway, root string) {
 		}
 	}
 	byService := map[ServiceRef][]*Policy{}
-	for _, ns := range uniqNS(w.Namespace, root) {
+	scopes := uniqNS(w.Namespace, root)
+	if w.Waypoint {
+		// A waypoint serves Services of other namespaces too, and a Service's policies live
+		// in the Service's namespace (§2.3): every namespace's targetRefs count.
+		scopes = scopes[:0:0]
+		for ns := range s.nsScopes {
+			scopes = append(scopes, ns)
+		}
+		sort.Strings(scopes)
+	}
+	for _, ns := range scopes {
 		sc := s.nsScopes[ns]
 		if sc == nil {
 			continue
@@ -653,7 +663,8 @@ func (s *Snapshot) attachGateway(cw *CompiledWorkload, gateway, root string) {
 	if len(byService) > 0 {
 		cw.services = map[ServiceRef]*policySet{}
 		for k, ps := range byService {
-			cw.services[k] = buildSet(ps, layerL7)
+			sort.Slice(ps, func(i, j int) bool { return ps[i].order < ps[j].order })
+			cw.services[k] = buildSet(dedupPolicies(ps), layerL7)
 		}
 	}
 }

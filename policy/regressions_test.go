@@ -121,3 +121,19 @@ func TestSpaceDelimitedClaims(t *testing.T) {
 		t.Errorf("roles not listed: %q, want the whole string compared (not allowed)", got)
 	}
 }
+
+// §2.3: a waypoint serving a Service of another namespace applies the policies that
+// target that Service from the Service's own namespace.
+func TestWaypointAppliesServicePoliciesOfOtherNamespaces(t *testing.T) {
+	s := Compile(load(t, apYAML("app", "deny-c", "  action: DENY\n  targetRefs: [{kind: Service, group: \"\", name: c}]\n  rules: [{}]")), nil, Options{})
+	wp := s.Compile(&Workload{Namespace: "ns", Name: "wp", Waypoint: true, Labels: map[string]string{gatewayNameLabel: "waypoint"}})
+	r := httpReq("x/y", 80, "GET", "/")
+	r.Service = ServiceRef{"Service", "app", "c"}
+	if got := decisionOf(wp.EvaluateHTTP(r)); got != "deny by app/deny-c" {
+		t.Errorf("Service app/c through waypoint ns/wp: %q, want the DENY", got)
+	}
+	r.Service = ServiceRef{"Service", "ns", "c"}
+	if got := decisionOf(wp.EvaluateHTTP(r)); got != "allow" {
+		t.Errorf("Service ns/c (another Service of the same name): %q, want allow", got)
+	}
+}
