@@ -292,8 +292,16 @@ static __always_inline int parse_v6(struct __sk_buff *skb, __u32 off, struct flo
 			// Offset or more-fragments set: a real fragment. Offset 0 with M=0 is an
 			// atomic fragment (RFC 6946) and carries the whole TCP segment.
 			if (h.frag_off & bpf_htons(0xfff9)) {
-				if (h.nexthdr == IPPROTO_TCP)
+				switch (h.nexthdr) {
+				case IPPROTO_TCP:
+				/* Extension headers inside the fragmentable part may lead to TCP: a
+				 * fragment that cannot be proven not to be TCP is one. */
+				case IPPROTO_HOPOPTS:
+				case IPPROTO_ROUTING:
+				case IPPROTO_DSTOPTS:
+				case IPPROTO_AH:
 					return P_FRAGMENT;
+				}
 				return P_NOT_TCP;
 			}
 			next = h.nexthdr;

@@ -60,6 +60,7 @@ func TestProgramDecisions(t *testing.T) {
 	ah := extHdr{typ: 51, body: make([]byte, 10)}
 	atomicFrag := extHdr{typ: 44, body: []byte{0, 0, 0, 0, 0, 1}}
 	laterFrag := extHdr{typ: 44, body: []byte{0, 0x10, 0, 0, 0, 1}} // offset 2, M=0
+	firstFrag := extHdr{typ: 44, body: []byte{0, 0x01, 0, 0, 0, 1}} // offset 0, M=1
 	tooMany := []extHdr{hbh, dst, dst, dst, dst, dst, dst, dst, dst}
 
 	const (
@@ -83,6 +84,7 @@ func TestProgramDecisions(t *testing.T) {
 		{"v6 SYN through hop-by-hop, routing, dest-opts, AH, atomic fragment", false,
 			ipv6Pkt(r6, p1v6, 6, []extHdr{hbh, rt, dst, ah, atomicFrag}, synHBONE), tp.up0, 0, dInboundHBONE, shot},
 		{"v6 non-first fragment to enrolled pod", false, ipv6Pkt(r6, p1v6, 6, []extHdr{laterFrag}, nil), tp.up0, 0, dDropFragment, shot},
+		{"v6 first fragment with dest-opts inside, from enrolled pod", false, ipv6Pkt(p1v6, r6, 6, []extHdr{firstFrag, dst}, syn), tp.vp1, 0, dDropFragment, shot},
 		{"v6 too many extension headers from enrolled pod", false, ipv6Pkt(p1v6, r6, 6, tooMany, syn), tp.vp1, 0, dDropMalformed, shot},
 		{"v6 UDP behind extension headers from enrolled pod", false, ipv6Pkt(p1v6, r6, 17, []extHdr{hbh, dst}, udpHdr(1, 53)), tp.vp1, 0, dPassNotTCP, pass},
 		{"v4 first fragment from enrolled pod", false, ipv4Pkt(p1, r4, 6, v4opts{frag: 0x2000}, syn), tp.vp1, 0, dDropFragment, shot},
