@@ -228,16 +228,22 @@ func (ca *CA) SigningCertificate() *x509.Certificate { return ca.cert }
 
 // verify checks that c chains, through the CA's chain, to one of its roots at time now.
 func (ca *CA) verify(c *x509.Certificate, now time.Time) ([][]*x509.Certificate, error) {
+	return verifyChain(c, append([]*x509.Certificate{ca.cert}, ca.chain...), ca.roots, now)
+}
+
+// verifyChain checks that c chains through intermediates to one of roots at time now,
+// for any key usage (the SPIFFE checks are the TLS layer's).
+func verifyChain(c *x509.Certificate, intermediates, roots []*x509.Certificate, now time.Time) ([][]*x509.Certificate, error) {
 	opts := x509.VerifyOptions{
 		Roots:         x509.NewCertPool(),
 		Intermediates: x509.NewCertPool(),
 		CurrentTime:   now,
 		KeyUsages:     []x509.ExtKeyUsage{x509.ExtKeyUsageAny},
 	}
-	for _, r := range ca.roots {
+	for _, r := range roots {
 		opts.Roots.AddCert(r)
 	}
-	for _, i := range append([]*x509.Certificate{ca.cert}, ca.chain...) {
+	for _, i := range intermediates {
 		opts.Intermediates.AddCert(i)
 	}
 	return c.Verify(opts)

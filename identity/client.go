@@ -98,19 +98,7 @@ func (iss *Issued) check(key crypto.Signer, now time.Time) error {
 	if key != nil && !publicKeysEqual(key.Public(), leaf.PublicKey) {
 		return errors.New("leaf does not hold the requested key")
 	}
-	opts := x509.VerifyOptions{
-		Roots:         x509.NewCertPool(),
-		Intermediates: x509.NewCertPool(),
-		CurrentTime:   now,
-		KeyUsages:     []x509.ExtKeyUsage{x509.ExtKeyUsageAny},
-	}
-	for _, r := range iss.Roots {
-		opts.Roots.AddCert(r)
-	}
-	for _, c := range iss.Chain[1:] {
-		opts.Intermediates.AddCert(c)
-	}
-	if _, err := leaf.Verify(opts); err != nil {
+	if _, err := verifyChain(leaf, iss.Chain[1:], iss.Roots, now); err != nil {
 		return fmt.Errorf("chain does not verify to the returned roots: %w", err)
 	}
 	return nil
