@@ -76,12 +76,14 @@ func (a *Agent) connectInbound(ctx context.Context, r *tunnel.Request) (net.Conn
 	f := newFlow("destination", src, dst, r.Peer.String(), dst.id.String(), true)
 	// The Forwarded source is the client's word: it decides ipBlocks and the address the
 	// application sees, so it must be a workload with the identity the peer proved.
+	// Without Forwarded (Istio's Go dialer sends none) the source is the tunnel's own
+	// peer address, held to the same rule: a pod dialling with its own identity.
 	if src == nil || src.id != r.Peer {
 		owner := "no known workload"
 		if src != nil {
 			owner = src.id.String()
 		}
-		a.log.Info("connection denied: forwarded source does not belong to the peer", "src", r.Source.String(), "src_owner", owner, "peer", r.Peer.String(), "dst", r.Destination.String())
+		a.log.Info("connection denied: source does not belong to the peer", "src", r.Source.String(), "forwarded", r.Forwarded, "src_owner", owner, "peer", r.Peer.String(), "dst", r.Destination.String())
 		a.metrics.fail(f, flagDenied)
 		return nil, tunnel.Denied(fmt.Errorf("source %s belongs to %s, not to peer %s", r.Source.Addr(), owner, r.Peer))
 	}

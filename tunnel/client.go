@@ -5,16 +5,17 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
-	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/netip"
-	"net/url"
+	"strings"
 	"sync"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
 )
 
 // Key identifies a pooled tunnel connection: streams share a connection only when they
@@ -27,11 +28,25 @@ type Key struct {
 
 func (k Key) String() string { return fmt.Sprintf("%s->%s@%s", k.Src, k.Dst, k.Addr) }
 
+// Target is what one CONNECT asks for.
+type Target struct {
+	// Authority is the destination as the original client dialled it (ip:port).
+	Authority netip.AddrPort
+	// Source is the original client address, sent as Forwarded for="ip:port".
+	Source netip.AddrPort
+	// Host, when set, is the Service host name the client dialled, sent as Forwarded
+	// ;host= (for logs at the other end; it selects nothing there).
+	Host string
+	// Baggage, when set, is sent as the baggage header (W3C), as ztunnel does: the source
+	// workload's k8s.namespace.name, k8s.deployment.name, service.name, ...
+	Baggage string
+}
+
 // Pool is the HBONE client. It multiplexes streams over TLS connections it dials and
-// keeps, per Key: at most MaxStreams streams a connection, a new connection when all
-// are full, idle connections closed after IdleTimeout, keepalive pings, and a
-// connection that fails evicted. Set the fields before first use; safe for concurrent
-// use.
+// keeps, per Key: at most MaxStreams streams a connection (or fewer, when the server says
+// so), a new connection when all are full, a connection with no stream closed after
+// IdleTimeout, keepalive pings, a dead or going-away connection replaced. Set the fields
+// before first use; safe for concurrent use.
 type Pool struct {
 	// TLSConfig returns the client configuration for a key: the source's certificate,
 	// the destination identity to expect (identity.ClientConfig). Required.
@@ -49,30 +64,36 @@ type Pool struct {
 	KeepAlive time.Duration
 	// ConnectTimeout bounds dialling and the TLS handshake. Default 10s.
 	ConnectTimeout time.Duration
+	// ResponseTimeout bounds the wait for the server's answer to a CONNECT (the server
+	// dials the destination meanwhile). Default 15s.
+	ResponseTimeout time.Duration
+	// StreamWindow and ConnWindow are the receive windows granted to servers. Default 4
+	// MiB and 16 MiB, as ztunnel.
+	StreamWindow, ConnWindow int32
+	// SourceBudget bounds the connection windows granted across all connections of one
+	// source identity: the bytes the destinations may have in flight toward that source's
+	// pods that it has not read yet. Default 64 MiB.
+	SourceBudget int64
+	Log          *slog.Logger
 
 	initOnce sync.Once
-	t        *http2.Transport
+	budget   *budget
 
 	mu sync.Mutex // guards the fields below
 	// entries holds each key's connections and its dial in flight.
 	entries map[Key]*poolEntry
 	closed  bool
+	wg      sync.WaitGroup // connections' read loops, waited for by Close
 }
 
 type poolEntry struct {
-	conns   []*poolConn
+	conns   []*h2Conn
 	dialing *pendingDial // nil when no dial is in flight
 }
 
 type pendingDial struct {
 	done chan struct{}
 	err  error
-}
-
-type poolConn struct {
-	cc *http2.ClientConn
-	// streams is the number of open streams, guarded by Pool.mu.
-	streams int
 }
 
 // ErrPoolClosed is returned by Connect after Close.
@@ -92,78 +113,116 @@ func (p *Pool) init() {
 		if p.ConnectTimeout <= 0 {
 			p.ConnectTimeout = 10 * time.Second
 		}
+		if p.ResponseTimeout <= 0 {
+			p.ResponseTimeout = 15 * time.Second
+		}
+		if p.StreamWindow <= 0 {
+			p.StreamWindow = defaultStreamWindow
+		}
+		if p.ConnWindow <= 0 {
+			p.ConnWindow = defaultConnWindow
+		}
+		if p.SourceBudget <= 0 {
+			p.SourceBudget = 64 << 20
+		}
 		if p.Dial == nil {
 			p.Dial = (&net.Dialer{}).DialContext
 		}
-		// The transport's receive windows are already 4 MiB a stream and 1 GiB a
-		// connection; it is used only through NewClientConn, never its own pool.
-		p.t = &http2.Transport{
-			IdleConnTimeout:  p.IdleTimeout,
-			ReadIdleTimeout:  p.KeepAlive,
-			PingTimeout:      10 * time.Second,
-			MaxReadFrameSize: 1 << 20,
+		if p.Log == nil {
+			p.Log = slog.Default()
 		}
+		p.budget = newBudget(p.SourceBudget)
 		p.entries = make(map[Key]*poolEntry)
 	})
 }
 
-// Connect opens a CONNECT stream to authority (the destination ip:port) through a
-// connection for k, with Forwarded carrying src. It blocks until the server answers:
-// a status other than 200 is a *StatusError (401 denied, 503 unreachable). ctx bounds
-// the setup only; the stream lives until closed.
+// Connect opens a CONNECT stream to authority through a connection for k, with Forwarded
+// carrying src. See Open.
 func (p *Pool) Connect(ctx context.Context, k Key, authority, src netip.AddrPort) (*Stream, error) {
-	p.init()
-	pc, err := p.get(ctx, k)
-	if err != nil {
-		return nil, err
-	}
-	pr, pw := io.Pipe()
-	// The stream outlives ctx: it gets its own context, cancelled by Close, and by ctx
-	// only until the server has answered.
-	sctx, cancel := context.WithCancel(context.Background())
-	stop := context.AfterFunc(ctx, cancel)
-	req := (&http.Request{
-		Method:        http.MethodConnect,
-		URL:           &url.URL{Host: authority.String()},
-		Host:          authority.String(),
-		Header:        http.Header{"Forwarded": {FormatForwarded(src)}},
-		Body:          pr,
-		ContentLength: -1,
-		Proto:         "HTTP/2.0",
-		ProtoMajor:    2,
-	}).WithContext(sctx)
-	resp, err := pc.cc.RoundTrip(req)
-	stopped := stop()
-	if err != nil {
-		cancel()
-		pw.Close()
-		if ctx.Err() != nil {
-			p.release(pc, false)
-			return nil, fmt.Errorf("hbone: connect %s via %s: %w", authority, k, ctx.Err())
-		}
-		// A failed round trip means a broken connection: evict it.
-		p.release(pc, true)
-		return nil, fmt.Errorf("hbone: connect %s via %s: %w", authority, k, err)
-	}
-	if !stopped {
-		// ctx ended just as the answer came: the stream's context is cancelled.
-		resp.Body.Close()
-		pw.Close()
-		p.release(pc, false)
-		return nil, fmt.Errorf("hbone: connect %s via %s: %w", authority, k, ctx.Err())
-	}
-	if resp.StatusCode != http.StatusOK {
-		resp.Body.Close()
-		pw.Close()
-		cancel()
-		p.release(pc, false)
-		return nil, &StatusError{Code: resp.StatusCode, Err: fmt.Errorf("connect %s via %s", authority, k)}
-	}
-	return &Stream{pool: p, pc: pc, body: resp.Body, pw: pw, cancel: cancel}, nil
+	return p.Open(ctx, k, Target{Authority: authority, Source: src})
 }
 
-// get returns a connection for k with room for a stream, reserving the stream.
-func (p *Pool) get(ctx context.Context, k Key) (*poolConn, error) {
+// Open opens a CONNECT stream for t through a connection for k. It sends Forwarded,
+// baggage and traceparent as ztunnel does, and blocks until the server answers: a status
+// other than 200 is a *StatusError (401 denied, 503 unreachable). ctx bounds the setup
+// only; the stream lives until closed. A stream the server refused without processing it
+// (REFUSED_STREAM, GOAWAY) is retried on another connection.
+func (p *Pool) Open(ctx context.Context, k Key, t Target) (*Stream, error) {
+	p.init()
+	fwd := FormatForwarded(t.Source)
+	if t.Host != "" {
+		fwd += ";host=" + quoteForwarded(t.Host)
+	}
+	fields := []hpack.HeaderField{
+		{Name: ":method", Value: http.MethodConnect},
+		{Name: ":authority", Value: t.Authority.String()},
+		{Name: "forwarded", Value: fwd},
+		{Name: "traceparent", Value: newTraceparent()},
+	}
+	if t.Baggage != "" {
+		fields = append(fields, hpack.HeaderField{Name: "baggage", Value: t.Baggage})
+	}
+	var lastErr error
+	for attempt := 0; attempt < 3; attempt++ {
+		c, err := p.get(ctx, k)
+		if err != nil {
+			return nil, err
+		}
+		s, err := c.openStream(fields)
+		if errors.Is(err, errConnFull) || errors.Is(err, ErrConnClosed) {
+			lastErr = err
+			continue
+		}
+		if err != nil {
+			return nil, fmt.Errorf("hbone: connect %s via %s: %w", t.Authority, k, err)
+		}
+		err = p.await(ctx, s)
+		if errors.Is(err, errRefused) {
+			lastErr = err
+			continue
+		}
+		if err != nil {
+			s.Close()
+			var se *StatusError
+			if errors.As(err, &se) {
+				se.Err = fmt.Errorf("connect %s via %s", t.Authority, k)
+				return nil, se
+			}
+			return nil, fmt.Errorf("hbone: connect %s via %s: %w", t.Authority, k, err)
+		}
+		return s, nil
+	}
+	return nil, fmt.Errorf("hbone: connect %s via %s: %w", t.Authority, k, lastErr)
+}
+
+// await waits for the response to a CONNECT.
+func (p *Pool) await(ctx context.Context, s *Stream) error {
+	timer := time.NewTimer(p.ResponseTimeout)
+	defer timer.Stop()
+	select {
+	case <-s.respReady:
+	case <-timer.C:
+		return fmt.Errorf("no response in %v", p.ResponseTimeout)
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	s.c.mu.Lock()
+	status, err := s.status, s.err
+	s.c.mu.Unlock()
+	if status == 0 {
+		if err == nil {
+			err = ErrConnClosed
+		}
+		return err
+	}
+	if status != http.StatusOK {
+		return &StatusError{Code: status}
+	}
+	return nil
+}
+
+// get returns a connection for k with room for a stream, dialling one when needed.
+func (p *Pool) get(ctx context.Context, k Key) (*h2Conn, error) {
 	for {
 		p.mu.Lock()
 		if p.closed {
@@ -172,26 +231,17 @@ func (p *Pool) get(ctx context.Context, k Key) (*poolConn, error) {
 		}
 		e := p.entries[k]
 		if e == nil {
-			p.sweepLocked()
 			e = &poolEntry{}
 			p.entries[k] = e
 		}
-		live := e.conns[:0]
-		var pick *poolConn
-		for _, pc := range e.conns {
-			st := pc.cc.State()
-			if st.Closed || st.Closing {
-				continue // idle-closed, went away, or failed
-			}
-			live = append(live, pc)
-			if pick == nil && pc.streams < p.MaxStreams && pc.cc.CanTakeNewRequest() {
-				pick = pc
+		var pick *h2Conn
+		for _, c := range e.conns {
+			if c.canTake() {
+				pick = c
+				break
 			}
 		}
-		clear(e.conns[len(live):])
-		e.conns = live
 		if pick != nil {
-			pick.streams++
 			p.mu.Unlock()
 			return pick, nil
 		}
@@ -212,7 +262,7 @@ func (p *Pool) get(ctx context.Context, k Key) (*poolConn, error) {
 		e.dialing = d
 		p.mu.Unlock()
 
-		pc, err := p.dial(ctx, k)
+		c, err := p.dial(ctx, k)
 
 		p.mu.Lock()
 		e.dialing = nil
@@ -221,44 +271,24 @@ func (p *Pool) get(ctx context.Context, k Key) (*poolConn, error) {
 		if err == nil {
 			if p.closed {
 				err = ErrPoolClosed
-				pc.cc.Close()
-			} else {
-				pc.streams++
-				e.conns = append(e.conns, pc)
+				p.mu.Unlock()
+				c.close(ErrPoolClosed)
+				c.wait()
+				return nil, err
 			}
+			e.conns = append(e.conns, c)
 		}
 		p.mu.Unlock()
 		if err != nil {
 			return nil, err
 		}
-		return pc, nil
-	}
-}
-
-// sweepLocked drops the entries of keys whose connections have all closed (idle, gone
-// away) and that no one is dialling, so the map does not grow with every pod that ever
-// talked. It runs when a new key arrives, which is rare next to streams. p.mu is held.
-func (p *Pool) sweepLocked() {
-	for k, e := range p.entries {
-		if e.dialing != nil {
-			continue
-		}
-		live := false
-		for _, pc := range e.conns {
-			if st := pc.cc.State(); !st.Closed && !st.Closing {
-				live = true
-				break
-			}
-		}
-		if !live {
-			delete(p.entries, k)
-		}
+		return c, nil
 	}
 }
 
 // dial opens a TLS connection for k. It is bounded by ConnectTimeout, not by the
 // caller's ctx: other callers may be waiting for the same connection.
-func (p *Pool) dial(ctx context.Context, k Key) (*poolConn, error) {
+func (p *Pool) dial(ctx context.Context, k Key) (*h2Conn, error) {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), p.ConnectTimeout)
 	defer cancel()
 	cfg, err := p.TLSConfig(ctx, k)
@@ -278,43 +308,57 @@ func (p *Pool) dial(ctx context.Context, k Key) (*poolConn, error) {
 		tc.Close()
 		return nil, fmt.Errorf("hbone: %s did not negotiate ALPN h2", k)
 	}
-	cc, err := p.t.NewClientConn(tc)
-	if err != nil {
-		tc.Close()
+	window, release := p.budget.reserve(k.Src.String(), int64(p.ConnWindow))
+	c := newH2Conn(tc, h2Config{
+		maxStreams:   uint32(p.MaxStreams),
+		streamWindow: p.StreamWindow,
+		connWindow:   int32(window),
+		keepAlive:    p.KeepAlive,
+		idleTimeout:  p.IdleTimeout,
+		release:      release,
+		onClose:      func(c *h2Conn) { p.forget(k, c) },
+		log:          p.Log,
+	})
+	if err := c.start(); err != nil {
+		c.wait()
 		return nil, fmt.Errorf("hbone: http2 with %s: %w", k, err)
 	}
-	return &poolConn{cc: cc}, nil
+	p.wg.Add(1)
+	go func() {
+		defer p.wg.Done()
+		c.wait()
+	}()
+	return c, nil
 }
 
-// release returns a stream's slot; evict drops and closes the connection.
-func (p *Pool) release(pc *poolConn, evict bool) {
+// forget drops a closed connection from its key (and the key when it has none left).
+func (p *Pool) forget(k Key, c *h2Conn) {
 	p.mu.Lock()
-	pc.streams--
-	if evict {
-		for _, e := range p.entries {
-			for i, c := range e.conns {
-				if c == pc {
-					e.conns = append(e.conns[:i], e.conns[i+1:]...)
-					break
-				}
-			}
+	defer p.mu.Unlock()
+	e := p.entries[k]
+	if e == nil {
+		return
+	}
+	for i, x := range e.conns {
+		if x == c {
+			e.conns = append(e.conns[:i], e.conns[i+1:]...)
+			break
 		}
 	}
-	p.mu.Unlock()
-	if evict {
-		pc.cc.Close()
+	if len(e.conns) == 0 && e.dialing == nil {
+		delete(p.entries, k)
 	}
 }
 
-// Conns returns the number of live pooled connections for k.
+// Conns returns the number of live pooled connections for k that take new streams.
 func (p *Pool) Conns(k Key) int {
 	p.init()
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	n := 0
 	if e := p.entries[k]; e != nil {
-		for _, pc := range e.conns {
-			if st := pc.cc.State(); !st.Closed && !st.Closing {
+		for _, c := range e.conns {
+			if c.usable() {
 				n++
 			}
 		}
@@ -322,49 +366,64 @@ func (p *Pool) Conns(k Key) int {
 	return n
 }
 
-// Close closes every pooled connection, with their streams. Later Connects fail.
+// Close closes every pooled connection, with their streams, and waits for their
+// goroutines. Later Connects fail.
 func (p *Pool) Close() error {
 	p.init()
 	p.mu.Lock()
 	p.closed = true
-	var all []*poolConn
+	var all []*h2Conn
 	for _, e := range p.entries {
 		all = append(all, e.conns...)
 	}
-	p.entries = map[Key]*poolEntry{}
 	p.mu.Unlock()
-	for _, pc := range all {
-		pc.cc.Close()
+	for _, c := range all {
+		c.close(ErrPoolClosed)
 	}
+	p.wg.Wait()
 	return nil
 }
 
-// Stream is the client's end of a CONNECT stream: a connection to the destination.
-// CloseWrite sends END_STREAM (the destination sees a FIN); Close resets the stream.
-// Read and Write may be called concurrently with each other.
-type Stream struct {
-	pool   *Pool
-	pc     *poolConn
-	body   io.ReadCloser
-	pw     *io.PipeWriter
-	cancel context.CancelFunc
-	once   sync.Once
+// budget shares a byte budget among the connections of one identity: each connection
+// reserves its receive window from it, at least the protocol's 64 KiB.
+type budget struct {
+	limit int64
+	mu    sync.Mutex
+	used  map[string]int64
 }
 
-func (s *Stream) Read(p []byte) (int, error) { return s.body.Read(p) }
+func newBudget(limit int64) *budget { return &budget{limit: limit, used: map[string]int64{}} }
 
-func (s *Stream) Write(p []byte) (int, error) { return s.pw.Write(p) }
+// reserve grants up to want bytes to one more connection of key and returns the grant
+// and the function that gives it back.
+func (b *budget) reserve(key string, want int64) (int64, func()) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	got := min(want, b.limit-b.used[key])
+	if got < initialWindow {
+		got = initialWindow
+	}
+	b.used[key] += got
+	var once sync.Once
+	return got, func() {
+		once.Do(func() {
+			b.mu.Lock()
+			defer b.mu.Unlock()
+			if b.used[key] -= got; b.used[key] <= 0 {
+				delete(b.used, key)
+			}
+		})
+	}
+}
 
-// CloseWrite half-closes the stream.
-func (s *Stream) CloseWrite() error { return s.pw.Close() }
-
-// Close ends both directions and frees the stream's slot in its connection.
-func (s *Stream) Close() error {
-	s.once.Do(func() {
-		s.pw.CloseWithError(net.ErrClosed)
-		s.body.Close()
-		s.cancel()
-		s.pool.release(s.pc, false)
-	})
-	return nil
+// quoteForwarded quotes a Forwarded parameter value (RFC 7239 §4) when it is not a
+// token; quotes and backslashes inside are dropped (a DNS name has none).
+func quoteForwarded(v string) string {
+	v = strings.NewReplacer(`"`, "", `\`, "").Replace(v)
+	for _, r := range v {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '.' || r == '-' || r == '_') {
+			return `"` + v + `"`
+		}
+	}
+	return v
 }

@@ -27,14 +27,26 @@ type Counts struct {
 // Join copies a to b and b to a until both directions end, and returns the bytes moved
 // each way. A direction that ends cleanly (EOF) half-closes its destination, so a FIN
 // on one side becomes a CloseWrite on the other and the other direction goes on. A
-// direction that fails closes both connections, which ends the other direction too.
+// direction that fails resets both connections (a TCP leg closes with RST, a stream with
+// RST_STREAM), which ends the other direction too: a reset on one side becomes a reset
+// on the other.
 // Join waits for both copies; it closes a and b before it returns. Between two
 // *net.TCPConn the kernel splices; other legs copy through pooled buffers.
 func Join(a, b io.ReadWriteCloser) (Counts, error) {
 	var c Counts
 	var errAB, errBA error
 	var once sync.Once
-	abort := func() { once.Do(func() { a.Close(); b.Close() }) }
+	closeBoth := func(reset bool) {
+		once.Do(func() {
+			if reset {
+				resetLinger(a)
+				resetLinger(b)
+			}
+			a.Close()
+			b.Close()
+		})
+	}
+	abort := func() { closeBoth(true) }
 	var wg sync.WaitGroup
 	wg.Add(1)
 	go func() {
@@ -49,8 +61,15 @@ func Join(a, b io.ReadWriteCloser) (Counts, error) {
 		abort()
 	}
 	wg.Wait()
-	abort()
+	closeBoth(false)
 	return c, errors.Join(quiet(errAB), quiet(errBA))
+}
+
+// resetLinger makes the next Close of a TCP connection send RST instead of FIN.
+func resetLinger(c io.ReadWriteCloser) {
+	if l, ok := c.(interface{ SetLinger(int) error }); ok {
+		l.SetLinger(0)
+	}
 }
 
 // copyHalf copies src to dst, then half-closes dst. It returns nil when src ended with EOF.

@@ -17,31 +17,47 @@ func FormatForwarded(src netip.AddrPort) string {
 // Forwarded header (RFC 7239 §4), the hop closest to the original client. The node
 // (ip:port, IPv6 in brackets, quoted when it has a colon) must carry a port.
 func ParseForwarded(h string) (netip.AddrPort, error) {
+	src, _, err := parseForwarded(h)
+	return src, err
+}
+
+// parseForwarded returns for= and host= of the first element of a Forwarded header.
+func parseForwarded(h string) (netip.AddrPort, string, error) {
 	if h == "" {
-		return netip.AddrPort{}, errors.New("forwarded: empty")
+		return netip.AddrPort{}, "", errors.New("forwarded: empty")
 	}
 	first, _, _ := strings.Cut(h, ",")
+	var src netip.AddrPort
+	var host string
+	var sawFor bool
 	for _, pair := range strings.Split(first, ";") {
 		name, value, ok := strings.Cut(strings.TrimSpace(pair), "=")
 		if !ok {
-			return netip.AddrPort{}, fmt.Errorf("forwarded: %q is not name=value", pair)
+			return netip.AddrPort{}, "", fmt.Errorf("forwarded: %q is not name=value", pair)
 		}
-		if !strings.EqualFold(name, "for") {
-			continue
-		}
-		if len(value) >= 2 && value[0] == '"' && value[len(value)-1] == '"' {
+		quoted := len(value) >= 2 && value[0] == '"' && value[len(value)-1] == '"'
+		if quoted {
 			value = value[1 : len(value)-1]
-		} else if strings.ContainsAny(value, `":[]`) {
-			return netip.AddrPort{}, fmt.Errorf("forwarded: for=%s: a node with a port must be quoted", value)
 		}
-		ap, err := netip.ParseAddrPort(value)
-		if err != nil {
-			return netip.AddrPort{}, fmt.Errorf("forwarded: for=%q: %w", value, err)
+		switch {
+		case strings.EqualFold(name, "host"):
+			host = value
+		case strings.EqualFold(name, "for") && !sawFor:
+			if !quoted && strings.ContainsAny(value, `":[]`) {
+				return netip.AddrPort{}, "", fmt.Errorf("forwarded: for=%s: a node with a port must be quoted", value)
+			}
+			ap, err := netip.ParseAddrPort(value)
+			if err != nil {
+				return netip.AddrPort{}, "", fmt.Errorf("forwarded: for=%q: %w", value, err)
+			}
+			if ap.Addr().Zone() != "" {
+				return netip.AddrPort{}, "", fmt.Errorf("forwarded: for=%q: zoned address", value)
+			}
+			src, sawFor = netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()), true
 		}
-		if ap.Addr().Zone() != "" {
-			return netip.AddrPort{}, fmt.Errorf("forwarded: for=%q: zoned address", value)
-		}
-		return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()), nil
 	}
-	return netip.AddrPort{}, errors.New("forwarded: no for= parameter")
+	if !sawFor {
+		return netip.AddrPort{}, "", errors.New("forwarded: no for= parameter")
+	}
+	return src, host, nil
 }

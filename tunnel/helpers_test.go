@@ -80,6 +80,12 @@ type hbone struct {
 
 func startServer(t testing.TB, cfg *tls.Config, h Handler) *hbone {
 	t.Helper()
+	return startServerWith(t, cfg, h, nil)
+}
+
+// startServerWith is startServer with opt applied to the Server before it serves.
+func startServerWith(t testing.TB, cfg *tls.Config, h Handler, opt func(*Server)) *hbone {
+	t.Helper()
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -103,6 +109,9 @@ func startServer(t testing.TB, cfg *tls.Config, h Handler) *hbone {
 		hb.done = append(hb.done, c)
 		hb.mu.Unlock()
 	}}
+	if opt != nil {
+		opt(hb.srv)
+	}
 	go hb.srv.Serve(lis)
 	t.Cleanup(func() { hb.srv.Close() })
 	return hb

@@ -5,7 +5,6 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -18,19 +17,21 @@ import (
 	"golang.org/x/net/http2"
 )
 
-// Flow-control windows, as ztunnel sizes them: a stream may have 4 MiB in flight, a
-// connection 16 MiB.
-const (
-	streamWindow = 4 << 20
-	connWindow   = 16 << 20
-)
-
 // Request is one CONNECT stream as the server received it.
 type Request struct {
 	// Peer is the client's SPIFFE ID, from its certificate.
 	Peer spiffeid.ID
-	// Source is the original client address from the Forwarded header.
+	// Source is the original client address: the Forwarded header's for= when Forwarded
+	// is present, else the tunnel connection's own peer address (Remote).
 	Source netip.AddrPort
+	// Forwarded reports whether Source came from a Forwarded header. The handler must
+	// check that Source belongs to Peer either way.
+	Forwarded bool
+	// Host is Forwarded's ;host= (the Service the client dialled), for logs and metrics
+	// only: it never selects a Service or a policy.
+	Host string
+	// Baggage and TraceParent are the W3C headers, as sent, for logs only.
+	Baggage, TraceParent string
 	// Destination is the :authority, the address the original client dialled.
 	Destination netip.AddrPort
 	// Local and Remote are the tunnel connection's own addresses.
@@ -51,7 +52,7 @@ func (f HandlerFunc) Connect(ctx context.Context, req *Request) (net.Conn, error
 	return f(ctx, req)
 }
 
-// Server is the HBONE server. Set its fields, then call Serve; Close stops it.
+// Server is the HBONE server. Set its fields, then call Serve; Shutdown or Close stops it.
 type Server struct {
 	// TLSConfig must require and verify client certificates, TLS 1.3, ALPN h2:
 	// identity.ServerConfig builds one.
@@ -60,19 +61,33 @@ type Server struct {
 	// Done, when set, is called as each accepted stream ends, with the bytes moved:
 	// AToB from the upstream to the client, BToA from the client to the upstream.
 	Done func(req *Request, c Counts, err error)
-	// HandshakeTimeout bounds the TLS handshake. Default 10s.
+	// HandshakeTimeout bounds the TLS handshake and the HTTP/2 preface. Default 10s.
 	HandshakeTimeout time.Duration
-	Log              *slog.Logger
+	// MaxStreams is the MAX_CONCURRENT_STREAMS of each connection. Default 1000.
+	MaxStreams uint32
+	// IdleTimeout closes a connection with no open stream for this long. Default 10m.
+	IdleTimeout time.Duration
+	// KeepAlive pings a connection silent this long and closes it when the ping is not
+	// answered in 10s. Default 30s.
+	KeepAlive time.Duration
+	// StreamWindow and ConnWindow are the receive windows granted to clients. Default 4
+	// MiB and 16 MiB, as ztunnel.
+	StreamWindow, ConnWindow int32
+	// PeerBudget bounds the connection windows granted across all connections of one
+	// peer identity: the bytes it may have in flight that the destinations have not read
+	// yet. Default 64 MiB.
+	PeerBudget int64
+	Log        *slog.Logger
 
 	initOnce sync.Once
-	h2       *http2.Server
+	budget   *budget
 	ctx      context.Context
 	cancel   context.CancelFunc
 	wg       sync.WaitGroup
 
 	mu sync.Mutex // guards the fields below
-	// conns are the live tunnel connections, closed by Close.
-	conns     map[net.Conn]struct{}
+	// conns are the live tunnel connections (nil *h2Conn while the handshake runs).
+	conns     map[net.Conn]*h2Conn
 	listeners map[net.Listener]struct{}
 	closed    bool
 }
@@ -82,19 +97,31 @@ var ErrServerClosed = errors.New("hbone: server closed")
 
 func (s *Server) init() {
 	s.initOnce.Do(func() {
-		s.h2 = &http2.Server{
-			MaxUploadBufferPerConnection: connWindow,
-			MaxUploadBufferPerStream:     streamWindow,
-			MaxConcurrentStreams:         1000,
-			ReadIdleTimeout:              30 * time.Second,
-			PingTimeout:                  10 * time.Second,
-		}
 		s.ctx, s.cancel = context.WithCancel(context.Background())
-		s.conns = make(map[net.Conn]struct{})
+		s.conns = make(map[net.Conn]*h2Conn)
 		s.listeners = make(map[net.Listener]struct{})
 		if s.HandshakeTimeout <= 0 {
 			s.HandshakeTimeout = 10 * time.Second
 		}
+		if s.MaxStreams == 0 {
+			s.MaxStreams = 1000
+		}
+		if s.IdleTimeout <= 0 {
+			s.IdleTimeout = 10 * time.Minute
+		}
+		if s.KeepAlive <= 0 {
+			s.KeepAlive = 30 * time.Second
+		}
+		if s.StreamWindow <= 0 {
+			s.StreamWindow = defaultStreamWindow
+		}
+		if s.ConnWindow <= 0 {
+			s.ConnWindow = defaultConnWindow
+		}
+		if s.PeerBudget <= 0 {
+			s.PeerBudget = 64 << 20
+		}
+		s.budget = newBudget(s.PeerBudget)
 		if s.Log == nil {
 			s.Log = slog.Default()
 		}
@@ -102,7 +129,7 @@ func (s *Server) init() {
 }
 
 // Serve accepts tunnel connections on lis until Close; it blocks and returns
-// ErrServerClosed after Close.
+// ErrServerClosed after Close or Shutdown.
 func (s *Server) Serve(lis net.Listener) error {
 	s.init()
 	s.mu.Lock()
@@ -135,6 +162,45 @@ func (s *Server) Serve(lis net.Listener) error {
 	return ErrServerClosed
 }
 
+// Shutdown stops accepting, sends GOAWAY on every connection (clients open new streams
+// elsewhere; open streams go on), and waits until the open streams have ended or ctx
+// ends; then it closes what is left, as Close.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.init()
+	s.mu.Lock()
+	s.closed = true
+	for l := range s.listeners {
+		l.Close()
+	}
+	var live []*h2Conn
+	for _, c := range s.conns {
+		if c != nil {
+			live = append(live, c)
+		}
+	}
+	s.mu.Unlock()
+	for _, c := range live {
+		c.shutdown()
+	}
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		s.mu.Lock()
+		n := len(s.conns)
+		s.mu.Unlock()
+		if n == 0 {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			s.Close()
+			return ctx.Err()
+		case <-tick.C:
+		}
+	}
+	return s.Close()
+}
+
 // Close stops every listener and connection and waits for their goroutines.
 func (s *Server) Close() error {
 	s.init()
@@ -143,8 +209,12 @@ func (s *Server) Close() error {
 	for l := range s.listeners {
 		l.Close()
 	}
-	for c := range s.conns {
-		c.Close()
+	for nc, c := range s.conns {
+		if c != nil {
+			c.close(ErrServerClosed)
+		} else {
+			nc.Close()
+		}
 	}
 	s.mu.Unlock()
 	s.cancel()
@@ -158,7 +228,7 @@ func (s *Server) track(c net.Conn) bool {
 	if s.closed {
 		return false
 	}
-	s.conns[c] = struct{}{}
+	s.conns[c] = nil
 	return true
 }
 
@@ -174,123 +244,175 @@ type connInfo struct {
 	local, remote netip.AddrPort
 }
 
-type connInfoKey struct{}
-
-func (s *Server) serveConn(c net.Conn) {
-	tc := tls.Server(c, s.TLSConfig)
+func (s *Server) serveConn(nc net.Conn) {
+	tc := tls.Server(nc, s.TLSConfig)
 	ctx, cancel := context.WithTimeout(s.ctx, s.HandshakeTimeout)
 	err := tc.HandshakeContext(ctx)
 	cancel()
 	if err != nil {
-		s.Log.Debug("hbone: handshake failed", "remote", c.RemoteAddr().String(), "err", err)
+		s.Log.Debug("hbone: handshake failed", "remote", nc.RemoteAddr().String(), "err", err)
 		return
 	}
 	cs := tc.ConnectionState()
 	if cs.NegotiatedProtocol != http2.NextProtoTLS || len(cs.PeerCertificates) == 0 {
-		s.Log.Debug("hbone: refused: need ALPN h2 and a client certificate", "remote", c.RemoteAddr().String())
+		s.Log.Debug("hbone: refused: need ALPN h2 and a client certificate", "remote", nc.RemoteAddr().String())
 		return
 	}
 	peer, err := x509svid.IDFromCert(cs.PeerCertificates[0])
 	if err != nil {
-		s.Log.Debug("hbone: refused: client certificate has no SPIFFE ID", "remote", c.RemoteAddr().String(), "err", err)
+		s.Log.Debug("hbone: refused: client certificate has no SPIFFE ID", "remote", nc.RemoteAddr().String(), "err", err)
 		return
 	}
-	info := &connInfo{peer: peer, local: addrPort(c.LocalAddr()), remote: addrPort(c.RemoteAddr())}
-	s.h2.ServeConn(tc, &http2.ServeConnOpts{
-		Context: context.WithValue(s.ctx, connInfoKey{}, info),
-		Handler: http.HandlerFunc(s.serveStream),
+	tc.SetReadDeadline(time.Now().Add(s.HandshakeTimeout))
+	if err := readPreface(tc); err != nil {
+		s.Log.Debug("hbone: refused", "remote", nc.RemoteAddr().String(), "err", err)
+		return
+	}
+	tc.SetReadDeadline(time.Time{})
+	info := &connInfo{peer: peer, local: addrPort(nc.LocalAddr()), remote: addrPort(nc.RemoteAddr())}
+	window, release := s.budget.reserve(peer.String(), int64(s.ConnWindow))
+	c := newH2Conn(tc, h2Config{
+		server:       true,
+		maxStreams:   s.MaxStreams,
+		streamWindow: s.StreamWindow,
+		connWindow:   int32(window),
+		keepAlive:    s.KeepAlive,
+		idleTimeout:  s.IdleTimeout,
+		release:      release,
+		onStream:     func(st *Stream) { s.serveStream(st, info) },
+		log:          s.Log,
 	})
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		release()
+		return
+	}
+	s.conns[nc] = c
+	s.mu.Unlock()
+	if err := c.start(); err != nil {
+		c.wait()
+		return
+	}
+	select {
+	case <-c.done:
+	case <-s.ctx.Done():
+		c.close(ErrServerClosed)
+	}
+	c.wait()
 }
 
-func (s *Server) serveStream(w http.ResponseWriter, r *http.Request) {
-	info := r.Context().Value(connInfoKey{}).(*connInfo)
-	req, err := parseConnect(r, info)
+func (s *Server) serveStream(st *Stream, info *connInfo) {
+	req, err := parseConnect(st, info)
 	if err != nil {
 		s.Log.Debug("hbone: bad request", "peer", info.peer.String(), "err", err)
-		http.Error(w, err.Error(), StatusCode(err))
+		st.respond(StatusCode(err))
 		return
 	}
-	up, err := s.Handler.Connect(r.Context(), req)
+	// The handler's context ends when the stream does (reset, connection gone) or the
+	// server closes.
+	ctx, cancel := context.WithCancel(s.ctx)
+	defer cancel()
+	stop := context.AfterFunc(ctxOf(st), cancel)
+	up, err := s.Handler.Connect(ctx, req)
+	stop()
 	if err != nil {
-		code := StatusCode(err)
-		w.WriteHeader(code)
+		st.respond(StatusCode(err))
 		if s.Done != nil {
 			s.Done(req, Counts{}, err)
 		}
 		return
 	}
-	w.WriteHeader(http.StatusOK)
-	rc := http.NewResponseController(w)
-	if err := rc.Flush(); err != nil {
+	if err := st.respond(http.StatusOK); err != nil {
 		up.Close()
+		st.Close()
 		if s.Done != nil {
 			s.Done(req, Counts{}, err)
 		}
 		return
 	}
-	c, err := Join(up, &serverStream{body: r.Body, w: w, rc: rc})
+	c, err := Join(up, st)
 	if s.Done != nil {
 		s.Done(req, c, err)
 	}
 }
 
-// parseConnect checks a request is a well-formed HBONE CONNECT and that its authority
-// is the address the client dialled.
-func parseConnect(r *http.Request, info *connInfo) (*Request, error) {
-	if r.Method != http.MethodConnect {
-		return nil, badRequest("method %s, want CONNECT", r.Method)
+// ctxOf is a context that ends when the stream is forgotten (reset, ended, connection
+// closed).
+func ctxOf(st *Stream) context.Context { return endedContext{st.ended} }
+
+type endedContext struct{ ch chan struct{} }
+
+func (endedContext) Deadline() (time.Time, bool) { return time.Time{}, false }
+func (e endedContext) Done() <-chan struct{}     { return e.ch }
+func (e endedContext) Err() error {
+	select {
+	case <-e.ch:
+		return context.Canceled
+	default:
+		return nil
 	}
-	if r.Header.Get(":protocol") != "" {
-		return nil, badRequest("extended CONNECT is not HBONE")
+}
+func (endedContext) Value(any) any { return nil }
+
+// parseConnect checks a stream's request is a well-formed HBONE CONNECT and that its
+// authority is the address the client dialled.
+func parseConnect(st *Stream, info *connInfo) (*Request, error) {
+	if st.headersTooBig {
+		return nil, badRequest("header list over %d bytes", maxHeaderList)
 	}
-	dst, err := netip.ParseAddrPort(r.Host)
+	var method, authority string
+	var fwd []string
+	req := &Request{Peer: info.peer, Local: info.local, Remote: info.remote}
+	for _, hf := range st.fields {
+		switch hf.Name {
+		case ":method":
+			method = hf.Value
+		case ":authority":
+			authority = hf.Value
+		case ":protocol":
+			return nil, badRequest("extended CONNECT is not HBONE")
+		case ":path", ":scheme":
+			return nil, badRequest("CONNECT with %s", hf.Name)
+		case "forwarded":
+			fwd = append(fwd, hf.Value)
+		case "baggage":
+			req.Baggage = hf.Value
+		case "traceparent":
+			req.TraceParent = hf.Value
+		}
+	}
+	if method != http.MethodConnect {
+		return nil, badRequest("method %q, want CONNECT", method)
+	}
+	dst, err := netip.ParseAddrPort(authority)
 	if err != nil {
-		return nil, badRequest("authority %q is not ip:port: %v", r.Host, err)
+		return nil, badRequest("authority %q is not ip:port: %v", authority, err)
 	}
 	dst = netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port())
 	if dst.Port() == 0 {
-		return nil, badRequest("authority %q has port 0", r.Host)
+		return nil, badRequest("authority %q has port 0", authority)
 	}
 	if dst.Addr() != info.local.Addr() {
 		return nil, badRequest("authority %s is not the dialled address %s", dst.Addr(), info.local.Addr())
 	}
-	fwd := r.Header.Values("Forwarded")
-	if len(fwd) != 1 {
-		return nil, badRequest("want one Forwarded header, got %d", len(fwd))
+	req.Destination = dst
+	switch len(fwd) {
+	case 0:
+		// Istio's Go dialer sends none; ztunnel's server accepts that. The source is the
+		// tunnel's own peer, which the handler checks against the peer identity.
+		req.Source = info.remote
+	case 1:
+		src, host, err := parseForwarded(fwd[0])
+		if err != nil {
+			return nil, badRequest("%v", err)
+		}
+		req.Source, req.Host, req.Forwarded = src, host, true
+	default:
+		return nil, badRequest("%d Forwarded headers, want at most one", len(fwd))
 	}
-	src, err := ParseForwarded(fwd[0])
-	if err != nil {
-		return nil, badRequest("%v", err)
-	}
-	return &Request{Peer: info.peer, Source: src, Destination: dst, Local: info.local, Remote: info.remote}, nil
+	return req, nil
 }
-
-// serverStream is the server's end of a CONNECT stream as a connection.
-//
-// net/http ends a response only when its handler returns, and then resets a request
-// body still being sent. So CloseWrite cannot send END_STREAM by itself: the handler
-// returns (and END_STREAM goes out) once both directions are done. A client that
-// half-closes first, the common case, sees every byte and the FIN in order; when the
-// destination half-closes first, the client sees the FIN only after it half-closes too.
-type serverStream struct {
-	body io.ReadCloser
-	w    http.ResponseWriter
-	rc   *http.ResponseController
-}
-
-func (s *serverStream) Read(p []byte) (int, error) { return s.body.Read(p) }
-
-func (s *serverStream) Write(p []byte) (int, error) {
-	n, err := s.w.Write(p)
-	if err != nil {
-		return n, err
-	}
-	return n, s.rc.Flush()
-}
-
-func (s *serverStream) CloseWrite() error { return nil }
-
-func (s *serverStream) Close() error { return s.body.Close() }
 
 func addrPort(a net.Addr) netip.AddrPort {
 	if ta, ok := a.(*net.TCPAddr); ok {

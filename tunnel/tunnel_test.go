@@ -14,9 +14,12 @@ import (
 	"net/http"
 	"net/netip"
 	"sync"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"golang.org/x/net/http2/hpack"
 
 	"github.com/veilmesh/veil/identity"
 	"go.uber.org/goleak"
@@ -146,43 +149,98 @@ func TestMalformedRequests(t *testing.T) {
 	hb := startServer(t, m.serverConfig(reviews), nil)
 	app := upstream(t, echo)
 	p := m.pool(t)
-	p.init()
 	k := Key{Src: frontend, Dst: reviews, Addr: hb.addr}
-	pc, err := p.get(context.Background(), k)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer p.release(pc, false)
+	fwd := hpack.HeaderField{Name: "forwarded", Value: FormatForwarded(testSrc)}
+	method := hpack.HeaderField{Name: ":method", Value: "CONNECT"}
+	auth := hpack.HeaderField{Name: ":authority", Value: app.String()}
 	for _, tc := range []struct {
 		name   string
-		method string
-		header http.Header
+		fields []hpack.HeaderField
 	}{
-		{"GET instead of CONNECT", http.MethodGet, http.Header{"Forwarded": {FormatForwarded(testSrc)}}},
-		{"no Forwarded header", http.MethodConnect, nil},
-		{"Forwarded without for=", http.MethodConnect, http.Header{"Forwarded": {`by="1.2.3.4:5"`}}},
-		{"Forwarded with a name, not an address", http.MethodConnect, http.Header{"Forwarded": {`for=frontend`}}},
-		{"two Forwarded headers", http.MethodConnect, http.Header{"Forwarded": {FormatForwarded(testSrc), FormatForwarded(testSrc)}}},
+		{"GET instead of CONNECT", []hpack.HeaderField{{Name: ":method", Value: "GET"}, auth, {Name: ":path", Value: "/"}, {Name: ":scheme", Value: "https"}, fwd}},
+		{"no :method", []hpack.HeaderField{auth, fwd}},
+		{"CONNECT with :path", []hpack.HeaderField{method, auth, {Name: ":path", Value: "/"}, fwd}},
+		{"extended CONNECT", []hpack.HeaderField{method, auth, {Name: ":protocol", Value: "websocket"}, fwd}},
+		{"authority is a name", []hpack.HeaderField{method, {Name: ":authority", Value: "reviews:9080"}, fwd}},
+		{"Forwarded without for=", []hpack.HeaderField{method, auth, {Name: "forwarded", Value: `by="1.2.3.4:5"`}}},
+		{"Forwarded with a name, not an address", []hpack.HeaderField{method, auth, {Name: "forwarded", Value: `for=frontend`}}},
+		{"two Forwarded headers", []hpack.HeaderField{method, auth, fwd, fwd}},
+		{"header list too large", []hpack.HeaderField{method, auth, fwd, {Name: "x-big", Value: strings.Repeat("a", maxHeaderList)}}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			req, _ := http.NewRequest(tc.method, "https://"+app.String()+"/", nil)
-			req.Host = app.String()
-			req.Header = tc.header
-			if tc.method == http.MethodConnect {
-				req.URL.Scheme, req.URL.Path = "", ""
-			}
-			resp, err := pc.cc.RoundTrip(req)
-			if err != nil {
-				t.Fatal(err)
-			}
-			resp.Body.Close()
-			if resp.StatusCode != http.StatusBadRequest {
-				t.Fatalf("status %d, want 400", resp.StatusCode)
+			if got := rawConnect(t, p, k, tc.fields); got != http.StatusBadRequest {
+				t.Fatalf("status %d, want 400", got)
 			}
 		})
 	}
 	if n := len(hb.requests()); n != 0 {
 		t.Fatalf("handler saw %d malformed requests", n)
+	}
+}
+
+// rawConnect sends a CONNECT with exactly fields on a pooled connection and returns the
+// status.
+func rawConnect(t *testing.T, p *Pool, k Key, fields []hpack.HeaderField) int {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	p.init()
+	c, err := p.get(ctx, k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := c.openStream(fields)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	err = p.await(ctx, s)
+	var se *StatusError
+	if err == nil {
+		return http.StatusOK
+	}
+	if !errors.As(err, &se) {
+		t.Fatalf("CONNECT: %v", err)
+	}
+	return se.Code
+}
+
+// Istio's Go dialer sends no Forwarded header: the source is then the tunnel's peer.
+func TestConnectWithoutForwarded(t *testing.T) {
+	m := newMesh(t)
+	hb := startServer(t, m.serverConfig(reviews), nil)
+	app := upstream(t, echo)
+	p := m.pool(t)
+	k := Key{Src: frontend, Dst: reviews, Addr: hb.addr}
+	got := rawConnect(t, p, k, []hpack.HeaderField{{Name: ":method", Value: "CONNECT"}, {Name: ":authority", Value: app.String()}})
+	if got != http.StatusOK {
+		t.Fatalf("status %d, want 200", got)
+	}
+	r := hb.requests()[0]
+	if r.Forwarded || r.Source.Addr() != netip.MustParseAddr("127.0.0.1") || r.Source != r.Remote {
+		t.Fatalf("source %v (forwarded %v), want the tunnel peer %v", r.Source, r.Forwarded, r.Remote)
+	}
+}
+
+// The client sends Forwarded (with ;host= for a Service), baggage and traceparent, as
+// ztunnel does; the server reads host, baggage and traceparent for logs only.
+func TestClientSendsZtunnelHeaders(t *testing.T) {
+	m := newMesh(t)
+	hb := startServer(t, m.serverConfig(reviews), nil)
+	app := upstream(t, echo)
+	p := m.pool(t)
+	k := Key{Src: frontend, Dst: reviews, Addr: hb.addr}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	s, err := p.Open(ctx, k, Target{Authority: app, Source: testSrc, Host: "reviews.bookinfo.svc.cluster.local", Baggage: "k8s.namespace.name=bookinfo,service.name=frontend"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	r := hb.requests()[0]
+	if !r.Forwarded || r.Source != testSrc || r.Host != "reviews.bookinfo.svc.cluster.local" ||
+		r.Baggage != "k8s.namespace.name=bookinfo,service.name=frontend" || len(r.TraceParent) != 55 {
+		t.Fatalf("server saw %+v", r)
 	}
 }
 
