@@ -1,11 +1,19 @@
 package agent
 
 import (
+	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
 	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -141,4 +149,94 @@ func TestCaptureFailsClosedWithoutAgent(t *testing.T) {
 		c.Close()
 		t.Fatal("frontend reached reviews with its node's agent down")
 	}
+}
+
+// TestCaptureHalfCloseAndResets: FINs and resets cross the mesh exactly, in either order,
+// with the real capture and unmodified clients (frontend on node-1 -> reviews on node-2,
+// through both agents and HBONE).
+func TestCaptureHalfCloseAndResets(t *testing.T) {
+	m := newTestMesh(t, true)
+	dst := appAddr("reviews")
+	dial := func(t *testing.T) *net.TCPConn {
+		c, err := m.plainDial(t, "frontend", dst)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c.(*net.TCPConn)
+	}
+	result := func(t *testing.T) string {
+		select {
+		case r := <-appResults:
+			return r
+		case <-time.After(60 * time.Second):
+			t.Fatal("the application reported nothing")
+			return ""
+		}
+	}
+	for len(appResults) > 0 {
+		<-appResults
+	}
+
+	t.Run("server closes first: EOF at once, then 1 GiB the other way", func(t *testing.T) {
+		c := dial(t)
+		c.SetDeadline(time.Now().Add(5 * time.Minute))
+		io.WriteString(c, "drain\n")
+		start := time.Now()
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if b, err := io.ReadAll(c); err != nil || len(b) != 0 {
+			t.Fatalf("after the server's FIN: %q, %v; want EOF", b, err)
+		}
+		t.Logf("EOF %v after the server closed", time.Since(start))
+		h := sha256.New()
+		if _, err := io.CopyN(io.MultiWriter(c, h), rand.NewChaCha8([32]byte{3}), 1<<30); err != nil {
+			t.Fatal(err)
+		}
+		c.CloseWrite()
+		if got, want := result(t), hex.EncodeToString(h.Sum(nil)); got != want {
+			t.Fatalf("reviews hashed %s, want %s", got, want)
+		}
+	})
+	t.Run("client closes first, then 1 GiB the other way", func(t *testing.T) {
+		c := dial(t)
+		c.SetDeadline(time.Now().Add(5 * time.Minute))
+		fmt.Fprintf(c, "send %d\n", 1<<30)
+		c.CloseWrite()
+		h := sha256.New()
+		n, err := io.Copy(h, c)
+		want := sha256.New()
+		io.CopyN(want, rand.NewChaCha8([32]byte{7}), 1<<30)
+		if err != nil || n != 1<<30 || !bytes.Equal(h.Sum(nil), want.Sum(nil)) {
+			t.Fatalf("received %d bytes, %v; checksum match %v", n, err, bytes.Equal(h.Sum(nil), want.Sum(nil)))
+		}
+	})
+	t.Run("simultaneous half-close", func(t *testing.T) {
+		c := dial(t)
+		io.WriteString(c, "both\nfrom frontend")
+		c.CloseWrite()
+		b, err := io.ReadAll(c)
+		if err != nil || string(b) != "from reviews" {
+			t.Fatalf("frontend read %q, %v", b, err)
+		}
+		if got := result(t); got != "from frontend" {
+			t.Fatalf("reviews read %q", got)
+		}
+	})
+	t.Run("server resets: the client sees a reset", func(t *testing.T) {
+		c := dial(t)
+		io.WriteString(c, "reset\n")
+		_, err := io.ReadAll(c)
+		if !errors.Is(err, syscall.ECONNRESET) {
+			t.Fatalf("client read ended with %v, want ECONNRESET", err)
+		}
+	})
+	t.Run("client resets: the server sees a reset", func(t *testing.T) {
+		c := dial(t)
+		io.WriteString(c, "wait\nsome bytes")
+		time.Sleep(200 * time.Millisecond)
+		c.SetLinger(0)
+		c.Close()
+		if got := result(t); !strings.Contains(got, "connection reset") {
+			t.Fatalf("reviews read ended with %q, want a reset", got)
+		}
+	})
 }

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math/rand/v2"
 	"net"
 	"net/netip"
 	"strings"
@@ -172,9 +173,18 @@ func newTestMesh(t *testing.T, withCapture ...bool) *testMesh {
 	return m
 }
 
+// appResults carries what the test application reports out of band, for commands that
+// close the connection's write side before they know the answer.
+var appResults = make(chan string, 64)
+
 // serveApp is the test application. The client's first line picks what it does:
 // "whoami" answers "<pod> sees <remote ip>"; "echo" echoes until EOF; "hash" answers the
-// hex SHA-256 of everything after the line once the client half-closes; "hold" waits for EOF.
+// hex SHA-256 of everything after the line once the client half-closes; "hold" waits for
+// EOF; "send N" sends N bytes of a ChaCha8 stream (seed 7) and half-closes at once;
+// "drain" half-closes at once, then reports the hex SHA-256 of what it reads until EOF on
+// appResults; "both" writes "from <pod>", half-closes, and reports what it reads;
+// "reset" writes one byte and resets the connection; "wait" reports how its read ended
+// ("EOF" or the error).
 func serveApp(t *testing.T, pod string, l net.Listener) {
 	var wg sync.WaitGroup
 	t.Cleanup(func() { l.Close(); wg.Wait() })
@@ -206,6 +216,35 @@ func serveApp(t *testing.T, pod string, l net.Listener) {
 					io.WriteString(c, hex.EncodeToString(h.Sum(nil)))
 				case "hold":
 					io.Copy(io.Discard, br)
+				case "drain":
+					c.(*net.TCPConn).CloseWrite()
+					h := sha256.New()
+					io.Copy(h, br)
+					appResults <- hex.EncodeToString(h.Sum(nil))
+				case "both":
+					fmt.Fprintf(c, "from %s", pod)
+					c.(*net.TCPConn).CloseWrite()
+					b, _ := io.ReadAll(br)
+					appResults <- string(b)
+				case "reset":
+					c.Write([]byte("x"))
+					c.(*net.TCPConn).SetLinger(0)
+					return
+				case "wait":
+					_, err := io.Copy(io.Discard, br)
+					if err == nil {
+						appResults <- "EOF"
+					} else {
+						appResults <- err.Error()
+					}
+				default:
+					var n int64
+					if _, err := fmt.Sscanf(strings.TrimSpace(cmd), "send %d", &n); err == nil {
+						io.CopyN(c, rand.NewChaCha8([32]byte{7}), n)
+						c.(*net.TCPConn).CloseWrite()
+						io.Copy(io.Discard, br)
+						return
+					}
 				}
 				c.(*net.TCPConn).CloseWrite()
 			}()
