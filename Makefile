@@ -6,7 +6,7 @@ PKGS     ?= ./...
 BENCHTIME ?= 1s
 BIN      := bin
 
-.PHONY: all build generate check-generate test unit check fmt fmt-check vet bench fuzz demo deps-demo deps-test clean help
+.PHONY: all build generate check-generate test unit interop check fmt fmt-check vet bench bench-path fuzz demo deps-demo deps-test clean help
 
 all: build
 
@@ -31,10 +31,13 @@ generate: ## regenerate committed generated code (bpf2go, protoc)
 check-generate: ## fail if committed generated code is stale (api always; bpf where the recorded clang is present, and always in CI)
 	./scripts/check-generate.sh
 
-test: deps-test check check-generate unit ## the README's test command: installs what is missing, gofmt check, go vet, generated code current, all tests
+test: deps-test check check-generate unit interop ## the README's test command: installs what is missing, gofmt check, go vet, generated code current, all tests
 
 unit: ## go test every package (privileged tests need root)
 	$(GO) test -count=1 -timeout 30m $(PKGS)
+
+interop: ## interop tests against Istio's own Go code (HBONE both ways, Istio's CA client); a module of its own, interop/
+	cd interop && $(GO) test -count=1 ./...
 
 check: fmt-check vet ## static checks only
 
@@ -50,6 +53,11 @@ vet: ## go vet
 
 bench: ## benchmarks with allocation counts; figures go into closing notes
 	$(GO) test -run '^$$' -bench . -benchmem -benchtime $(BENCHTIME) $(PKGS)
+
+bench-path: ## end-to-end: raw TCP, a plain Go TLS tunnel, stunnel and veil over the lab's two nodes (root; QUICK=1 to try it)
+	./scripts/deps.sh bench
+	$(MAKE) --no-print-directory build
+	BIN=$(abspath $(BIN)) ./bench/path.sh
 
 fuzz: ## run each fuzz target for FUZZTIME (default 30s)
 	./scripts/fuzz.sh $${FUZZTIME:-30s}

@@ -363,7 +363,9 @@ func TestControlFloodsAreCutOff(t *testing.T) {
 		send func(fr *http2.Framer) error
 	}{
 		{"PING", func(fr *http2.Framer) error { return fr.WritePing(false, [8]byte{1}) }},
-		{"SETTINGS", func(fr *http2.Framer) error { return fr.WriteSettings(http2.Setting{ID: http2.SettingMaxFrameSize, Val: 16384}) }},
+		{"SETTINGS", func(fr *http2.Framer) error {
+			return fr.WriteSettings(http2.Setting{ID: http2.SettingMaxFrameSize, Val: 16384})
+		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			rc := dialRaw(t, m, hb)
