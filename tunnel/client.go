@@ -299,7 +299,8 @@ func (p *Pool) dial(ctx context.Context, k Key) (*h2Conn, error) {
 	if err != nil {
 		return nil, fmt.Errorf("hbone: dial %s: %w", k, err)
 	}
-	tc := tls.Client(raw, cfg)
+	sock := newBufConn(raw)
+	tc := tls.Client(sock, cfg)
 	if err := tc.HandshakeContext(ctx); err != nil {
 		raw.Close()
 		return nil, fmt.Errorf("hbone: handshake with %s: %w", k, err)
@@ -319,6 +320,7 @@ func (p *Pool) dial(ctx context.Context, k Key) (*h2Conn, error) {
 		onClose:      func(c *h2Conn) { p.forget(k, c) },
 		log:          p.Log,
 	})
+	c.sock = sock
 	if err := c.start(); err != nil {
 		c.wait()
 		return nil, fmt.Errorf("hbone: http2 with %s: %w", k, err)

@@ -106,6 +106,8 @@ type h2Config struct {
 type h2Conn struct {
 	nc  net.Conn
 	cfg h2Config
+	// sock, when set, is the buffered socket under nc (TLS), corked around writes.
+	sock *bufConn
 
 	// Read loop only.
 	fr        *http2.Framer
@@ -260,7 +262,15 @@ func (c *h2Conn) flushLocked(data *dataWrite) error {
 	if len(c.wbuf) == 0 {
 		return nil
 	}
+	if c.sock != nil {
+		c.sock.cork()
+	}
 	_, err := c.nc.Write(c.wbuf)
+	if c.sock != nil {
+		if uerr := c.sock.uncork(); err == nil {
+			err = uerr
+		}
+	}
 	c.wbuf = c.wbuf[:0]
 	if cap(c.wbuf) > 2*writeChunk {
 		c.wbuf = nil // a burst of control frames does not pin memory

@@ -245,7 +245,8 @@ type connInfo struct {
 }
 
 func (s *Server) serveConn(nc net.Conn) {
-	tc := tls.Server(nc, s.TLSConfig)
+	sock := newBufConn(nc)
+	tc := tls.Server(sock, s.TLSConfig)
 	ctx, cancel := context.WithTimeout(s.ctx, s.HandshakeTimeout)
 	err := tc.HandshakeContext(ctx)
 	cancel()
@@ -282,6 +283,7 @@ func (s *Server) serveConn(nc net.Conn) {
 		onStream:     func(st *Stream) { s.serveStream(st, info) },
 		log:          s.Log,
 	})
+	c.sock = sock
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
