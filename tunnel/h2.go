@@ -1395,13 +1395,15 @@ func (b *recvBuf) read(p []byte) int {
 	return total
 }
 
+// pop frees the first chunk. The slice is shifted in place, not resliced, so it is not
+// reallocated as chunks come and go.
 func (b *recvBuf) pop() {
 	chunkPool.Put(b.chunks[0])
-	b.chunks[0] = nil
-	b.chunks = b.chunks[1:]
+	n := copy(b.chunks, b.chunks[1:])
+	b.chunks[n] = nil
+	b.chunks = b.chunks[:n]
 	b.r = 0
-	if len(b.chunks) == 0 {
-		b.chunks = nil
+	if n == 0 {
 		b.w = 0
 	}
 }
