@@ -328,3 +328,39 @@ func TestHBONEForwardedSourceMustBelongToThePeer(t *testing.T) {
 		})
 	}
 }
+
+// Without Forwarded (Istio's Go dialer sends none) the source is the tunnel's peer
+// address: a pod with the peer's identity, or a node that runs one.
+func TestHBONEWithoutForwarded(t *testing.T) {
+	m := newTestMesh(t)
+	a := m.agents["node-2"]
+	frontend := spiffeid.RequireFromString("spiffe://cluster.local/ns/bookinfo/sa/frontend")
+	for _, tc := range []struct {
+		name      string
+		src       string
+		forwarded bool
+		want      int
+	}{
+		{"from the peer's own pod", "10.77.1.10:40000", false, 200},
+		{"from a node that runs a pod of the peer", "10.77.0.1:40000", false, 200},
+		{"from a node that runs no pod of the peer", "10.77.0.2:40000", false, 401},
+		{"a node address named in Forwarded", "10.77.0.1:40000", true, 401},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			src := netip.MustParseAddrPort(tc.src)
+			r := &tunnel.Request{Peer: frontend, Source: src, Forwarded: tc.forwarded, Destination: appAddr("reviews"),
+				Local: netip.AddrPortFrom(podIP("reviews"), 15008), Remote: src}
+			up, err := a.connectInbound(context.Background(), r)
+			if code := tunnel.StatusCode(err); code != tc.want {
+				t.Fatalf("connectInbound: %v (status %d), want %d", err, code, tc.want)
+			}
+			if up != nil {
+				got, err := ask(up, "whoami")
+				a.inboundDone(r, tunnel.Counts{}, nil)
+				if want := "reviews sees " + src.Addr().String(); err != nil || got != want {
+					t.Fatalf("application: %q, %v; want %q", got, err, want)
+				}
+			}
+		})
+	}
+}

@@ -74,11 +74,15 @@ func (a *Agent) connectInbound(ctx context.Context, r *tunnel.Request) (net.Conn
 	}
 	src := v.byIP[r.Source.Addr()]
 	f := newFlow("destination", src, dst, r.Peer.String(), dst.id.String(), true)
+	// Without Forwarded, a tunnel from a node's address is the node's proxy speaking for
+	// a pod of that node with the peer's identity (Istio's Go dialer on a node): the
+	// source is that node address.
+	nodeProxy := !r.Forwarded && src == nil && v.nodeIDs[r.Source.Addr()][r.Peer]
 	// The Forwarded source is the client's word: it decides ipBlocks and the address the
 	// application sees, so it must be a workload with the identity the peer proved.
 	// Without Forwarded (Istio's Go dialer sends none) the source is the tunnel's own
 	// peer address, held to the same rule: a pod dialling with its own identity.
-	if src == nil || src.id != r.Peer {
+	if !nodeProxy && (src == nil || src.id != r.Peer) {
 		owner := "no known workload"
 		if src != nil {
 			owner = src.id.String()

@@ -36,31 +36,31 @@ apiVersion: v1
 kind: Pod
 metadata: {name: frontend, namespace: bookinfo, labels: {app: frontend}}
 spec: {serviceAccountName: frontend, nodeName: node-1}
-status: {podIP: 10.77.1.10}
+status: {podIP: 10.77.1.10, hostIP: 10.77.0.1}
 ---
 apiVersion: v1
 kind: Pod
 metadata: {name: productpage, namespace: bookinfo, labels: {app: productpage}}
 spec: {serviceAccountName: productpage, nodeName: node-1}
-status: {podIP: 10.77.1.11}
+status: {podIP: 10.77.1.11, hostIP: 10.77.0.1}
 ---
 apiVersion: v1
 kind: Pod
 metadata: {name: sleep, namespace: legacy, labels: {app: sleep}}
 spec: {serviceAccountName: sleep, nodeName: node-1}
-status: {podIP: 10.77.1.20}
+status: {podIP: 10.77.1.20, hostIP: 10.77.0.1}
 ---
 apiVersion: v1
 kind: Pod
 metadata: {name: reviews, namespace: bookinfo, labels: {app: reviews}}
 spec: {serviceAccountName: reviews, nodeName: node-2}
-status: {podIP: 10.77.2.10}
+status: {podIP: 10.77.2.10, hostIP: 10.77.0.2}
 ---
 apiVersion: v1
 kind: Pod
 metadata: {name: ratings, namespace: bookinfo, labels: {app: ratings}}
 spec: {serviceAccountName: ratings, nodeName: node-2}
-status: {podIP: 10.77.2.11}
+status: {podIP: 10.77.2.11, hostIP: 10.77.0.2}
 ---
 apiVersion: v1
 kind: Service

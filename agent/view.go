@@ -33,12 +33,15 @@ type view struct {
 	byIP  map[netip.Addr]*workload
 	vips  map[netip.Addr]*service
 	local []*workload // enrolled pods on this node
+	// nodeIDs maps each node address (status.hostIPs) to the identities of the pods
+	// that node runs: who may open a tunnel from that address without Forwarded.
+	nodeIDs map[netip.Addr]map[spiffeid.ID]bool
 	// conflicts are addresses claimed by more than one pod, left out of byIP.
 	conflicts []netip.Addr
 }
 
 func newView(st *cluster.State, node string, td spiffeid.TrustDomain) *view {
-	v := &view{state: st, byIP: map[netip.Addr]*workload{}, vips: map[netip.Addr]*service{}}
+	v := &view{state: st, byIP: map[netip.Addr]*workload{}, vips: map[netip.Addr]*service{}, nodeIDs: map[netip.Addr]map[spiffeid.ID]bool{}}
 	conflicts := map[netip.Addr]bool{}
 	for _, p := range st.Pods {
 		if p.HostNetwork || len(p.IPs) == 0 {
@@ -49,6 +52,12 @@ func newView(st *cluster.State, node string, td spiffeid.TrustDomain) *view {
 			continue // a name that cannot be an identity cannot be in the mesh
 		}
 		w := &workload{pod: p, id: id, enrolled: st.Enrolled(p), local: p.Node == node}
+		for _, h := range p.HostIPs {
+			if v.nodeIDs[h] == nil {
+				v.nodeIDs[h] = map[spiffeid.ID]bool{}
+			}
+			v.nodeIDs[h][id] = true
+		}
 		for _, ip := range p.IPs {
 			if other := v.byIP[ip]; other != nil && other != w {
 				conflicts[ip] = true

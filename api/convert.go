@@ -187,6 +187,10 @@ func decodeWorkload(w *Workload) (*cluster.Pod, error) {
 	if err != nil {
 		return nil, err
 	}
+	hostIPs, err := decodeAddrs(what, "host_ips", w.GetHostIps())
+	if err != nil {
+		return nil, err
+	}
 	p := &cluster.Pod{
 		Namespace:      w.GetNamespace(),
 		Name:           w.GetName(),
@@ -195,6 +199,7 @@ func decodeWorkload(w *Workload) (*cluster.Pod, error) {
 		Labels:         w.GetLabels(),
 		Annotations:    w.GetAnnotations(),
 		IPs:            ips,
+		HostIPs:        hostIPs,
 		HostNetwork:    w.GetHostNetwork(),
 		Ready:          w.GetReady(),
 		Source:         w.GetSource(),
@@ -348,6 +353,9 @@ func WorkloadResource(st *cluster.State, p *cluster.Pod) *Resource {
 	}
 	for _, ip := range p.IPs {
 		w.Ips = append(w.Ips, ip.Unmap().AsSlice())
+	}
+	for _, ip := range p.HostIPs {
+		w.HostIps = append(w.HostIps, ip.Unmap().AsSlice())
 	}
 	for _, port := range p.Ports {
 		w.Ports = append(w.Ports, uint32(port))

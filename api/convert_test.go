@@ -152,7 +152,7 @@ func TestWorkloadCarriesEveryPodField(t *testing.T) {
 		typ  reflect.Type
 		want string
 	}{
-		{reflect.TypeFor[cluster.Pod](), "Namespace Name ServiceAccount Node Labels Annotations IPs HostNetwork Ports NamedPorts Ready Source"},
+		{reflect.TypeFor[cluster.Pod](), "Namespace Name ServiceAccount Node Labels Annotations IPs HostIPs HostNetwork Ports NamedPorts Ready Source"},
 		{reflect.TypeFor[cluster.Service](), "Namespace Name Labels ClusterIPs Selector Ports Source"},
 		{reflect.TypeFor[cluster.ServicePort](), "Name Protocol Port TargetPort TargetName"},
 		{reflect.TypeFor[cluster.Namespace](), "Name Labels"},

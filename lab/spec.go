@@ -259,7 +259,7 @@ func (s *Spec) ClusterYAML() []byte {
 			"metadata": map[string]any{"name": p.Name, "namespace": p.Namespace, "labels": p.Labels},
 			"spec": map[string]any{"serviceAccountName": p.ServiceAccount, "nodeName": p.Node,
 				"containers": []map[string]any{{"name": "app", "ports": ports}}},
-			"status": map[string]any{"podIP": s.PodIP(p).String(), "conditions": []map[string]any{{"type": "Ready", "status": "True"}}},
+			"status": map[string]any{"podIP": s.PodIP(p).String(), "hostIP": s.NodeIP(p.Node).String(), "conditions": []map[string]any{{"type": "Ready", "status": "True"}}},
 		})
 	}
 	for i, svc := range s.Services {

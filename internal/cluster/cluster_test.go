@@ -55,6 +55,9 @@ func TestPodFields(t *testing.T) {
 	if len(p.IPs) != 2 || p.IPs[0] != want[0] || p.IPs[1] != want[1] {
 		t.Fatalf("IPs %v, want %v (deduplicated, podIP first)", p.IPs, want)
 	}
+	if wantHost := []netip.Addr{netip.MustParseAddr("10.0.0.1"), netip.MustParseAddr("fd00::1")}; len(p.HostIPs) != 2 || p.HostIPs[0] != wantHost[0] || p.HostIPs[1] != wantHost[1] {
+		t.Fatalf("HostIPs %v, want %v", p.HostIPs, wantHost)
+	}
 	if p := pod(t, st, "bookinfo", "opted-out"); p.ServiceAccount != "default" {
 		t.Fatalf("default service account: %q", p.ServiceAccount)
 	}
@@ -96,10 +99,11 @@ func TestServiceEndpointsAndPorts(t *testing.T) {
 
 func TestBadObjectsAreReportedAlone(t *testing.T) {
 	st, errs := load(t, "testdata/enrollment")
-	if len(errs) != 2 {
-		t.Fatalf("errors %v, want 2", errs)
+	if len(errs) != 3 {
+		t.Fatalf("errors %v, want 3", errs)
 	}
-	for i, want := range []string{`bad.yaml#1: pod bookinfo/bad-ip: status.podIP: "not-an-ip"`, `bad.yaml#2: service bookinfo/bad-port: spec.ports[0].port: 70000`} {
+	for i, want := range []string{`bad.yaml#1: pod bookinfo/bad-ip: status.podIP: "not-an-ip"`, `bad.yaml#2: service bookinfo/bad-port: spec.ports[0].port: 70000`,
+		`bad.yaml#3: pod bookinfo/bad-host-ip: status.hostIPs[1].ip: "node-1"`} {
 		if !strings.Contains(errs[i].Error(), want) {
 			t.Errorf("error %q lacks %q", errs[i], want)
 		}

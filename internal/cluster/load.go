@@ -53,6 +53,10 @@ type object struct {
 		PodIPs []struct {
 			IP string `json:"ip"`
 		} `json:"podIPs"`
+		HostIP  string `json:"hostIP"`
+		HostIPs []struct {
+			IP string `json:"ip"`
+		} `json:"hostIPs"`
 		Conditions []struct {
 			Type   string `json:"type"`
 			Status string `json:"status"`
@@ -208,6 +212,26 @@ func (st *State) addObject(src string, o *object) error {
 			}
 			if a = a.Unmap(); !containsAddr(p.IPs, a) {
 				p.IPs = append(p.IPs, a)
+			}
+		}
+		hips := []string{o.Status.HostIP}
+		for _, ip := range o.Status.HostIPs {
+			hips = append(hips, ip.IP)
+		}
+		for i, s := range hips {
+			if s == "" {
+				continue
+			}
+			a, err := netip.ParseAddr(s)
+			if err != nil {
+				field := "status.hostIP"
+				if i > 0 {
+					field = fmt.Sprintf("status.hostIPs[%d].ip", i-1)
+				}
+				return fmt.Errorf("%s: pod %s: %s: %q is not an IP address", src, name(), field, s)
+			}
+			if a = a.Unmap(); !containsAddr(p.HostIPs, a) {
+				p.HostIPs = append(p.HostIPs, a)
 			}
 		}
 		for _, c := range o.Spec.Containers {
