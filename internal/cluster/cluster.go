@@ -30,8 +30,8 @@ type Pod struct {
 	Annotations    map[string]string
 	IPs            []netip.Addr // status.podIPs (status.podIP first)
 	// HostIPs are the addresses of the pod's node (status.hostIPs, status.hostIP first).
-	HostIPs []netip.Addr
-	HostNetwork    bool
+	HostIPs     []netip.Addr
+	HostNetwork bool
 	// Ports are the containers' declared ports; NamedPorts maps the named ones, for
 	// Services' named targetPorts.
 	Ports      []uint16
