@@ -73,6 +73,8 @@ type Agent struct {
 	metrics *metrics
 	// streams maps each admitted HBONE *tunnel.Request to its *inbound until Done.
 	streams sync.Map
+	// twOnce logs once that TIME_WAIT sockets cannot be retired.
+	twOnce sync.Once
 
 	// updateMu serialises Update and ApplyPolicies and guards policyWorkloads and capture.
 	updateMu        sync.Mutex
@@ -309,12 +311,24 @@ func (a *Agent) acceptLoop(l net.Listener, handle func(context.Context, net.Conn
 	}, func(err error) { a.log.Error("accept failed; retrying", "addr", l.Addr().String(), "err", err) })
 }
 
-// join proxies c and up until both directions end or the agent closes, and returns what
-// moved (AToB: from c to up).
-func (a *Agent) join(ctx context.Context, c, up io.ReadWriteCloser) tunnel.Counts {
+// join proxies c, a connection the capture assigned to the agent, and up until both
+// directions end or the agent closes, and returns what moved (AToB: from c to up).
+func (a *Agent) join(ctx context.Context, c net.Conn, up io.ReadWriteCloser) tunnel.Counts {
 	stop := context.AfterFunc(ctx, func() { c.Close(); up.Close() })
 	defer stop()
 	counts, _ := tunnel.Join(c, up)
+	if counts.ClosedAFirst {
+		// The agent closed first, so c's tuple sits in TIME_WAIT here, where the
+		// capture's sk_assign cannot reuse it: a client that reuses its port would
+		// have its SYNs dropped for 60 s (bpf.ForgetTimeWait).
+		if f, ok := a.opts.Sockets.(interface {
+			ForgetTimeWait(local, remote netip.AddrPort) error
+		}); ok {
+			if err := f.ForgetTimeWait(addrPort(c.LocalAddr()), addrPort(c.RemoteAddr())); err != nil {
+				a.twOnce.Do(func() { a.log.Warn("cannot retire TIME_WAIT of captured connections; clients reusing a port may wait", "err", err) })
+			}
+		}
+	}
 	return counts
 }
 

@@ -240,3 +240,33 @@ func TestCaptureHalfCloseAndResets(t *testing.T) {
 		}
 	})
 }
+
+// A client that reuses its source port right after a server closed first must connect:
+// the agent closed first on its side and holds the tuple in TIME_WAIT, which a SYN
+// handed over by sk_assign cannot reuse unless the agent retires it.
+func TestCaptureServerFirstCloseThenPortReuse(t *testing.T) {
+	m := newTestMesh(t, true)
+	port := 0
+	for i := 0; i < 3; i++ {
+		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+		var c net.Conn
+		err := m.net.pods["frontend"].do(func() error {
+			d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP("10.77.1.10"), Port: port}}
+			var err error
+			c, err = d.DialContext(ctx, "tcp", appAddr("reviews").String())
+			return err
+		})
+		cancel()
+		if err != nil {
+			t.Fatalf("connection %d from port %d: %v", i, port, err)
+		}
+		port = c.LocalAddr().(*net.TCPAddr).Port
+		io.WriteString(c, "send 5\n")
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		if b, err := io.ReadAll(c); err != nil || len(b) != 5 {
+			t.Fatalf("connection %d: %d bytes, %v", i, len(b), err)
+		}
+		c.Close()
+		time.Sleep(100 * time.Millisecond) // the agent retires its TIME_WAIT as Join ends
+	}
+}

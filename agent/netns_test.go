@@ -143,6 +143,10 @@ func (s nsSockets) Dial(ctx context.Context, src, raddr netip.AddrPort) (c net.C
 	return c, err
 }
 
+func (s nsSockets) ForgetTimeWait(local, remote netip.AddrPort) error {
+	return s.ns.do(func() error { return s.host.ForgetTimeWait(local, remote) })
+}
+
 func (s nsSockets) dialString(ctx context.Context, _, addr string) (net.Conn, error) {
 	ap, err := netip.ParseAddrPort(addr)
 	if err != nil {

@@ -68,6 +68,12 @@ func (h HostSockets) Listen(ctx context.Context, addr string) (net.Listener, err
 	return lc.Listen(ctx, "tcp", addr)
 }
 
+// ForgetTimeWait retires the TIME_WAIT socket of a captured connection the agent closed
+// first (bpf.ForgetTimeWait).
+func (h HostSockets) ForgetTimeWait(local, remote netip.AddrPort) error {
+	return bpf.ForgetTimeWait(local, remote)
+}
+
 // Dial implements Sockets.
 func (h HostSockets) Dial(ctx context.Context, src, raddr netip.AddrPort) (net.Conn, error) {
 	d := net.Dialer{Control: h.control(src.IsValid())}

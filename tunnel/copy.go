@@ -5,6 +5,7 @@ import (
 	"io"
 	"net"
 	"sync"
+	"sync/atomic"
 	"syscall"
 )
 
@@ -22,6 +23,9 @@ type closeWriter interface {
 // Counts are the bytes Join moved in each direction.
 type Counts struct {
 	AToB, BToA int64
+	// ClosedAFirst reports that Join half-closed a (b had ended) before a ended by
+	// itself: on a TCP leg, this side closed first and keeps the TIME_WAIT.
+	ClosedAFirst bool
 }
 
 // Join copies a to b and b to a until both directions end, and returns the bytes moved
@@ -47,20 +51,24 @@ func Join(a, b io.ReadWriteCloser) (Counts, error) {
 		})
 	}
 	abort := func() { closeBoth(true) }
+	// first records which direction ended first: 1 when b's did (and a was
+	// half-closed), 2 when a's did.
+	var first atomic.Int32
 	var wg sync.WaitGroup
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		c.AToB, errAB = copyHalf(b, a)
+		c.AToB, errAB = copyHalf(b, a, func() { first.CompareAndSwap(0, 2) })
 		if errAB != nil {
 			abort()
 		}
 	}()
-	c.BToA, errBA = copyHalf(a, b)
+	c.BToA, errBA = copyHalf(a, b, func() { first.CompareAndSwap(0, 1) })
 	if errBA != nil {
 		abort()
 	}
 	wg.Wait()
+	c.ClosedAFirst = first.Load() == 1 && errAB == nil && errBA == nil
 	closeBoth(false)
 	return c, errors.Join(quiet(errAB), quiet(errBA))
 }
@@ -72,8 +80,9 @@ func resetLinger(c io.ReadWriteCloser) {
 	}
 }
 
-// copyHalf copies src to dst, then half-closes dst. It returns nil when src ended with EOF.
-func copyHalf(dst io.Writer, src io.Reader) (int64, error) {
+// copyHalf copies src to dst, then calls ended and half-closes dst. It returns nil when
+// src ended with EOF.
+func copyHalf(dst io.Writer, src io.Reader, ended func()) (int64, error) {
 	var n int64
 	var err error
 	_, dstTCP := dst.(*net.TCPConn)
@@ -90,6 +99,7 @@ func copyHalf(dst io.Writer, src io.Reader) (int64, error) {
 	if err != nil {
 		return n, err
 	}
+	ended()
 	if cw, ok := dst.(closeWriter); ok {
 		if err := cw.CloseWrite(); err != nil && !errors.Is(err, net.ErrClosed) {
 			return n, err
