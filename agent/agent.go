@@ -325,7 +325,9 @@ func (a *Agent) join(ctx context.Context, c net.Conn, up io.ReadWriteCloser) tun
 			ForgetTimeWait(local, remote netip.AddrPort) error
 		}); ok {
 			if err := f.ForgetTimeWait(addrPort(c.LocalAddr()), addrPort(c.RemoteAddr())); err != nil {
-				a.twOnce.Do(func() { a.log.Warn("cannot retire TIME_WAIT of captured connections; clients reusing a port may wait", "err", err) })
+				a.twOnce.Do(func() {
+					a.log.Warn("cannot retire TIME_WAIT of captured connections; clients reusing a port may wait", "err", err)
+				})
 			}
 		}
 	}

@@ -89,6 +89,8 @@ func TestResetsPropagate(t *testing.T) {
 	t.Run("application resets: client read fails with a stream reset", func(t *testing.T) {
 		app := upstream(t, func(c *net.TCPConn) {
 			c.Write([]byte("partial"))
+			// Not at once: a reset that beats the handler's dial fails the dial (503).
+			time.Sleep(100 * time.Millisecond)
 			c.SetLinger(0)
 			c.Close()
 		})
