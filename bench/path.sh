@@ -9,7 +9,8 @@
 #
 # Environment: BENCH_PATHS (raw gotls stunnel veil), BENCH_IPERF_SECS (10), BENCH_KA_SECS (15),
 # BENCH_NC_SECS (10), BENCH_FORTIO_TIMEOUT (2s), BENCH_OUT (keep the raw results there),
-# BENCH_LAB (lab name, bench), BIN (veil binaries, ./bin), QUICK=1 (3 s per measurement).
+# BENCH_LAB (lab name, bench), BIN (veil binaries, ./bin), QUICK=1 (3 s per measurement),
+# BENCH_PROFILE_DIR (CPU profiles of both agents over the veil iperf3 run go there).
 set -uo pipefail
 export LC_ALL=C # EPOCHREALTIME with a dot
 export PATH=$PATH:/usr/local/go/bin # sudo's secure_path leaves Go out
@@ -320,8 +321,20 @@ run_path() {
 	for lp in "${PROCS[@]}"; do procs+="$lp "; done
 	metric "$path" procs "$procs"
 	[ -n "$procs" ] && log "$path: tunnel processes (label:pid) $procs"
+	local prof=()
+	if [ "$path" = veil ] && [ -n "${BENCH_PROFILE_DIR:-}" ]; then
+		# CPU profiles of both agents over the iperf3 run (their admin endpoint, pprof).
+		mkdir -p "$BENCH_PROFILE_DIR"
+		local n
+		for n in node-1 node-2; do
+			in_node "$n" curl -s -o "$BENCH_PROFILE_DIR/agent-$n.pprof" \
+				"http://127.0.0.1:15000/debug/pprof/profile?seconds=$((IPERF_SECS > 3 ? IPERF_SECS - 2 : 1))" &
+			prof+=($!)
+		done
+	fi
 	measure "$path" iperf $((IPERF_SECS + 20)) "$path-iperf.json" "$OUT/$path-iperf.json" \
 		iperf3 -c "${TARGET%:*}" -p "${TARGET##*:}" -t "$IPERF_SECS" -J --connect-timeout 5000
+	[ ${#prof[@]} -eq 0 ] || wait "${prof[@]}" || true
 	path_down
 	stop_pids INT $IPERF_PID
 	IPERF_PID=

@@ -9,10 +9,19 @@ import (
 	"syscall"
 )
 
-// bufSize is the copy buffer of TLS legs: two maximum TLS records.
-const bufSize = 32 << 10
+// Copy buffers of the legs the kernel cannot splice. A flow starts with a small one, so
+// that many quiet connections pin little memory while they wait in Read; a flow whose
+// reads keep filling it moves to a large one, so bulk data crosses in few, large
+// syscalls and DATA frames, and moves back when its reads shrink.
+const (
+	smallBuf = 16 << 10
+	largeBuf = 256 << 10
+)
 
-var bufPool = sync.Pool{New: func() any { b := make([]byte, bufSize); return &b }}
+var (
+	smallPool = sync.Pool{New: func() any { b := make([]byte, smallBuf); return &b }}
+	largePool = sync.Pool{New: func() any { b := make([]byte, largeBuf); return &b }}
+)
 
 // closeWriter is a connection whose write side can be shut alone (TCP FIN, HTTP/2
 // END_STREAM) while its read side stays open.
@@ -90,11 +99,7 @@ func copyHalf(dst io.Writer, src io.Reader, ended func()) (int64, error) {
 	if dstTCP && srcTCP {
 		n, err = io.Copy(dst, src) // TCPConn.ReadFrom splices
 	} else {
-		bp := bufPool.Get().(*[]byte)
-		// Hide ReaderFrom/WriterTo so io.CopyBuffer uses the pooled buffer instead of
-		// allocating its own.
-		n, err = io.CopyBuffer(struct{ io.Writer }{dst}, struct{ io.Reader }{src}, *bp)
-		bufPool.Put(bp)
+		n, err = copyAdaptive(dst, src)
 	}
 	if err != nil {
 		return n, err
@@ -118,4 +123,55 @@ func quiet(err error) error {
 		return nil
 	}
 	return err
+}
+
+// copyAdaptive copies src to dst until EOF (nil) or an error, through a pooled buffer
+// that grows to largeBuf after two reads in a row fill the small one, and shrinks back
+// after four reads in a row that would have fit it.
+func copyAdaptive(dst io.Writer, src io.Reader) (int64, error) {
+	bp := smallPool.Get().(*[]byte)
+	large := false
+	defer func() {
+		if large {
+			largePool.Put(bp)
+		} else {
+			smallPool.Put(bp)
+		}
+	}()
+	var total int64
+	full, short := 0, 0
+	for {
+		buf := *bp
+		nr, rerr := src.Read(buf)
+		if nr > 0 {
+			nw, werr := dst.Write(buf[:nr])
+			total += int64(nw)
+			if werr != nil {
+				return total, werr
+			}
+			if nw != nr {
+				return total, io.ErrShortWrite
+			}
+		}
+		if rerr != nil {
+			if rerr == io.EOF {
+				return total, nil
+			}
+			return total, rerr
+		}
+		switch {
+		case !large && nr == len(buf):
+			if full++; full >= 2 {
+				smallPool.Put(bp)
+				bp, large, full = largePool.Get().(*[]byte), true, 0
+			}
+		case large && nr <= smallBuf:
+			if short++; short >= 4 {
+				largePool.Put(bp)
+				bp, large, short = smallPool.Get().(*[]byte), false, 0
+			}
+		default:
+			full, short = 0, 0
+		}
+	}
 }
