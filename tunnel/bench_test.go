@@ -86,3 +86,41 @@ func throughput(b *testing.B, w io.Writer) {
 		}
 	}
 }
+
+// BenchmarkRoundTripTunnel is a 1 KiB request and its 1 KiB answer through one HBONE
+// stream to an echo application; compare with BenchmarkRoundTripDirect (ns/op) from the
+// same run.
+func BenchmarkRoundTripTunnel(b *testing.B) {
+	m := newMesh(b)
+	hb := startServer(b, m.serverConfig(reviews), nil)
+	app := upstream(b, echo)
+	s, err := m.pool(b).Connect(context.Background(), Key{Src: frontend, Dst: reviews, Addr: hb.addr}, app, testSrc)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer s.Close()
+	roundTrips(b, s)
+}
+
+func BenchmarkRoundTripDirect(b *testing.B) {
+	app := upstream(b, echo)
+	c, err := net.Dial("tcp", app.String())
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer c.Close()
+	roundTrips(b, c)
+}
+
+func roundTrips(b *testing.B, c io.ReadWriter) {
+	buf := make([]byte, 1024)
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := c.Write(buf); err != nil {
+			b.Fatal(err)
+		}
+		if _, err := io.ReadFull(c, buf); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
