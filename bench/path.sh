@@ -260,9 +260,12 @@ measure() {
 	c1=$(tunnel_ticks)
 	stop_pids TERM $SAMPLER_PID
 	SAMPLER_PID=
+	local at1k=''
 	while read -r label kb; do
 		((kb > ${RSS_PEAK[$label]:-0})) && RSS_PEAK[$label]=$kb
+		[ "$w" = ka ] && [ "$label" != sum ] && at1k+="${at1k:+, }$label $((kb / 1024)) MB"
 	done <"$WORK/rss"
+	[ -n "$at1k" ] && metric "$path" note "peak RSS at 1000 qps (before any bulk transfer): $at1k"
 	us=$((t1 - t0))
 	local lp ticks=$((c1 - c0))
 	for lp in "${PROCS[@]}"; do
@@ -312,33 +315,6 @@ run_path() {
 	[ "$path" = veil ] && server=mesh/server
 	RSS_PEAK=()
 
-	log "== $path: iperf3, one stream, ${IPERF_SECS}s"
-	"$VEILCTL" lab exec --name "$LAB" "$server" -- iperf3 -s -1 -p "$IPERF_PORT" >>"$OUT/iperf3-server.log" 2>&1 &
-	IPERF_PID=$!
-	wait_listen pod "$server" "$IPERF_PORT"
-	path_up "$path" "$IPERF_PORT"
-	local lp procs=''
-	for lp in "${PROCS[@]}"; do procs+="$lp "; done
-	metric "$path" procs "$procs"
-	[ -n "$procs" ] && log "$path: tunnel processes (label:pid) $procs"
-	local prof=()
-	if [ "$path" = veil ] && [ -n "${BENCH_PROFILE_DIR:-}" ]; then
-		# CPU profiles of both agents over the iperf3 run (their admin endpoint, pprof).
-		mkdir -p "$BENCH_PROFILE_DIR"
-		local n
-		for n in node-1 node-2; do
-			in_node "$n" curl -s -o "$BENCH_PROFILE_DIR/agent-$n.pprof" \
-				"http://127.0.0.1:15000/debug/pprof/profile?seconds=$((IPERF_SECS > 3 ? IPERF_SECS - 2 : 1))" &
-			prof+=($!)
-		done
-	fi
-	measure "$path" iperf $((IPERF_SECS + 20)) "$path-iperf.json" "$OUT/$path-iperf.json" \
-		iperf3 -c "${TARGET%:*}" -p "${TARGET##*:}" -t "$IPERF_SECS" -J --connect-timeout 5000
-	[ ${#prof[@]} -eq 0 ] || wait "${prof[@]}" || true
-	path_down
-	stop_pids INT $IPERF_PID
-	IPERF_PID=
-
 	log "== $path: fortio 1 KiB, 1000 qps x 8 keepalive ${KA_SECS}s; 200 qps x 4 keepalive off ${NC_SECS}s"
 	path_up "$path" "$FORTIO_PORT"
 	local before=''
@@ -374,6 +350,35 @@ run_path() {
 		metric veil note "node-2's agent accepted $((after - before)) mutual_tls connections for mesh/server during the fortio runs"
 	fi
 	path_down
+
+	# iperf3 last: the memory bulk transfer takes is not counted in the 1000 qps figures.
+	log "== $path: iperf3, one stream, ${IPERF_SECS}s"
+	"$VEILCTL" lab exec --name "$LAB" "$server" -- iperf3 -s -1 -p "$IPERF_PORT" >>"$OUT/iperf3-server.log" 2>&1 &
+	IPERF_PID=$!
+	wait_listen pod "$server" "$IPERF_PORT"
+	path_up "$path" "$IPERF_PORT"
+	local lp procs=''
+	for lp in "${PROCS[@]}"; do procs+="$lp "; done
+	metric "$path" procs "$procs"
+	[ -n "$procs" ] && log "$path: tunnel processes (label:pid) $procs"
+	local prof=()
+	if [ "$path" = veil ] && [ -n "${BENCH_PROFILE_DIR:-}" ]; then
+		# CPU profiles of both agents over the iperf3 run (their admin endpoint, pprof).
+		mkdir -p "$BENCH_PROFILE_DIR"
+		local n
+		for n in node-1 node-2; do
+			in_node "$n" curl -s -o "$BENCH_PROFILE_DIR/agent-$n.pprof" \
+				"http://127.0.0.1:15000/debug/pprof/profile?seconds=$((IPERF_SECS > 3 ? IPERF_SECS - 2 : 1))" &
+			prof+=($!)
+		done
+	fi
+	measure "$path" iperf $((IPERF_SECS + 20)) "$path-iperf.json" "$OUT/$path-iperf.json" \
+		iperf3 -c "${TARGET%:*}" -p "${TARGET##*:}" -t "$IPERF_SECS" -J --connect-timeout 5000
+	[ ${#prof[@]} -eq 0 ] || wait "${prof[@]}" || true
+	path_down
+	stop_pids INT $IPERF_PID
+	IPERF_PID=
+
 	local label
 	for label in "${!RSS_PEAK[@]}"; do
 		if [ "$label" = sum ]; then metric "$path" rss_sum_kb "${RSS_PEAK[$label]}"; else metric "$path" "rss_kb:$label" "${RSS_PEAK[$label]}"; fi
