@@ -9,6 +9,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/veilmesh/veil/bpf"
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 )
 
 // Capture is the eBPF capture as the agent drives it; *bpf.Capture implements it.
@@ -25,23 +26,43 @@ type Capture interface {
 // address: with a routed CNI, its veth.
 type PodLink func(ip netip.Addr) (ifindex int, err error)
 
-// RouteLink is the default PodLink: it asks the kernel which interface routes to ip.
+// RouteLink is the default PodLink, for routed CNIs (kindnet, Calico): the pod's
+// interface is the veth its host route (/32 or /128) leaves through. Only an exact host
+// route counts, never a covering one: when a pod's route is missing (after a reboot, a pod
+// deleted while the agent was down) a route lookup answers with the uplink, and the sync
+// would put pod programs on the uplink and later take the uplink's own capture away.
 func RouteLink(ip netip.Addr) (int, error) {
-	routes, err := netlink.RouteGet(ip.AsSlice())
+	bits := 32
+	if ip.Is6() {
+		bits = 128
+	}
+	dst := &net.IPNet{IP: ip.AsSlice(), Mask: net.CIDRMask(bits, bits)}
+	routes, err := netlink.RouteListFiltered(netlink.FAMILY_ALL, &netlink.Route{Dst: dst, Table: unix.RT_TABLE_MAIN},
+		netlink.RT_FILTER_DST|netlink.RT_FILTER_TABLE)
 	if err != nil {
-		return 0, fmt.Errorf("route to %s: %w", ip, err)
+		return 0, fmt.Errorf("host route to %s: %w", ip, err)
 	}
-	if len(routes) == 0 || routes[0].LinkIndex <= 0 {
-		return 0, fmt.Errorf("no interface routes to %s", ip)
+	for _, r := range routes {
+		if r.LinkIndex <= 0 {
+			continue
+		}
+		link, err := netlink.LinkByIndex(r.LinkIndex)
+		if err != nil {
+			return 0, fmt.Errorf("host route to %s: interface %d: %w", ip, r.LinkIndex, err)
+		}
+		if link.Type() != "veth" {
+			return 0, fmt.Errorf("host route to %s leaves through %s (%s), not a veth", ip, link.Attrs().Name, link.Type())
+		}
+		return r.LinkIndex, nil
 	}
-	return routes[0].LinkIndex, nil
+	return 0, fmt.Errorf("no host route to %s (%s): not a pod's veth", ip, dst)
 }
 
 // captured is what the agent has put into the capture, by pod.
 type captured struct {
 	attached map[int]bool       // pod veths with the programs
 	enrolled map[podKey]bpf.Pod // enrolled pods
-	links    map[podKey]int     // pod -> veth, cached
+	links    map[podKey]int     // pod -> the veth last found for it
 }
 
 type podKey struct{ namespace, name string }
@@ -58,27 +79,43 @@ func (a *Agent) syncCapture(v *view) {
 	}
 	st := &a.capture
 	if st.attached == nil {
-		st.attached, st.enrolled = map[int]bool{}, map[podKey]bpf.Pod{}
+		st.attached, st.enrolled, st.links = map[int]bool{}, map[podKey]bpf.Pod{}, map[podKey]int{}
 	}
 	wantAttached := map[int]bool{}
 	wantEnrolled := map[podKey]bpf.Pod{}
-	seen := map[*workload]bool{}
-	for _, w := range v.byIP {
-		if !w.local || seen[w] {
-			continue
-		}
-		seen[w] = true
+	for _, w := range v.pods {
 		k := podKey{w.pod.Namespace, w.pod.Name}
 		// Asked every time, not cached: a pod recreated under its old name (and maybe its
 		// old address) has a new veth.
 		idx, err := a.opts.PodLink(w.pod.IPs[0])
 		if err != nil {
-			a.log.Error("capture: cannot find the pod's interface; its traffic is NOT captured", "pod", w.String(), "err", err)
+			// Not knowing the interface now is no evidence the pod left: what is in
+			// force for it stays (its veth keeps the programs, the pod stays enrolled).
+			old, known := st.links[k]
+			if prev, ok := st.enrolled[k]; ok && w.enrolled {
+				wantEnrolled[k] = prev
+			}
+			if known {
+				wantAttached[old] = true
+				a.log.Error("capture: cannot find the pod's interface; keeping what is in force", "pod", w.String(), "ifindex", old, "err", err)
+			} else {
+				a.log.Error("capture: cannot find the pod's interface; its traffic is NOT captured", "pod", w.String(), "err", err)
+			}
 			continue
 		}
+		st.links[k] = idx
 		wantAttached[idx] = true
 		if w.enrolled {
 			wantEnrolled[k] = bpf.Pod{IfIndex: idx, IPs: w.pod.IPs}
+		}
+	}
+	present := map[podKey]bool{}
+	for _, w := range v.pods {
+		present[podKey{w.pod.Namespace, w.pod.Name}] = true
+	}
+	for k := range st.links {
+		if !present[k] {
+			delete(st.links, k)
 		}
 	}
 	for k, p := range st.enrolled {

@@ -33,6 +33,10 @@ type view struct {
 	byIP  map[netip.Addr]*workload
 	vips  map[netip.Addr]*service
 	local []*workload // enrolled pods on this node
+	// pods are all the pods of this node (enrolled or not, host network excluded),
+	// including any whose address is in conflicts: the capture follows these, so an
+	// address conflict never takes a pod out of the capture.
+	pods []*workload
 	// nodeIDs maps each node address (status.hostIPs) to the identities of the pods
 	// that node runs: who may open a tunnel from that address without Forwarded.
 	nodeIDs map[netip.Addr]map[spiffeid.ID]bool
@@ -66,6 +70,9 @@ func newView(st *cluster.State, node string, td spiffeid.TrustDomain) *view {
 		}
 		if w.local && w.enrolled {
 			v.local = append(v.local, w)
+		}
+		if w.local {
+			v.pods = append(v.pods, w)
 		}
 	}
 	// Two pods claiming one address would mix up identities: neither gets it (fail

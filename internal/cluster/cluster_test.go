@@ -45,6 +45,28 @@ func TestEnrollment(t *testing.T) {
 	}
 }
 
+// Finished pods (Succeeded, Failed) are not workloads: their old address belongs to the
+// live pod that has it now.
+func TestTerminalPodsAreNotWorkloads(t *testing.T) {
+	st, errs := load(t, "testdata/enrollment")
+	for _, p := range st.Pods {
+		if p.Name == "finished-job" || p.Name == "crashed" {
+			t.Fatalf("terminal pod %s/%s is a workload", p.Namespace, p.Name)
+		}
+	}
+	n := 0
+	for _, p := range st.Pods {
+		for _, ip := range p.IPs {
+			if ip == netip.MustParseAddr("10.1.1.10") {
+				n++
+			}
+		}
+	}
+	if n != 1 || len(errs) != 3 {
+		t.Fatalf("%d pods claim 10.1.1.10 (want the live one only); errors %v", n, errs)
+	}
+}
+
 func TestPodFields(t *testing.T) {
 	st, _ := load(t, "testdata/enrollment")
 	p := pod(t, st, "bookinfo", "reviews-v1")

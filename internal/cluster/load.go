@@ -53,6 +53,7 @@ type object struct {
 		PodIPs []struct {
 			IP string `json:"ip"`
 		} `json:"podIPs"`
+		Phase   string `json:"phase"`
 		HostIP  string `json:"hostIP"`
 		HostIPs []struct {
 			IP string `json:"ip"`
@@ -177,6 +178,12 @@ func (st *State) addObject(src string, o *object) error {
 	case "Namespace":
 		st.Namespaces[o.Metadata.Name] = &Namespace{Name: o.Metadata.Name, Labels: o.Metadata.Labels}
 	case "Pod":
+		// A pod that has finished (phase Succeeded or Failed) is no workload: it keeps its
+		// podIP, which IPAM hands to a new pod, and would claim that pod's address and
+		// identity.
+		if o.Status.Phase == "Succeeded" || o.Status.Phase == "Failed" {
+			return nil
+		}
 		p := &Pod{
 			Namespace:      o.Metadata.Namespace,
 			Name:           o.Metadata.Name,

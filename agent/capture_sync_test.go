@@ -1,0 +1,143 @@
+package agent
+
+import (
+	"errors"
+	"io"
+	"log/slog"
+	"net/netip"
+	"os/exec"
+	"strings"
+	"syscall"
+	"testing"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/veilmesh/veil/bpf"
+	"github.com/veilmesh/veil/internal/cluster"
+)
+
+// fakeCapture records what the sync asks of the capture.
+type fakeCapture struct {
+	attached map[int]bool
+	enrolled map[netip.Addr]int
+	detached []int
+}
+
+func newFakeCapture() *fakeCapture {
+	return &fakeCapture{attached: map[int]bool{}, enrolled: map[netip.Addr]int{}}
+}
+
+func (f *fakeCapture) Attach(i int) error { f.attached[i] = true; return nil }
+func (f *fakeCapture) Detach(i int) error {
+	delete(f.attached, i)
+	f.detached = append(f.detached, i)
+	return nil
+}
+func (f *fakeCapture) Enroll(p bpf.Pod) error {
+	for _, ip := range p.IPs {
+		f.enrolled[ip] = p.IfIndex
+	}
+	return nil
+}
+func (f *fakeCapture) Unenroll(p bpf.Pod) error {
+	for _, ip := range p.IPs {
+		delete(f.enrolled, ip)
+	}
+	return nil
+}
+func (f *fakeCapture) SetListener(bpf.Role, syscall.Conn) error { return nil }
+func (f *fakeCapture) Counters() ([]bpf.Counter, error)        { return nil, nil }
+
+const syncCluster = `
+apiVersion: v1
+kind: Namespace
+metadata: {name: bookinfo, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: bookinfo}
+spec: {serviceAccountName: a, nodeName: node-1}
+status: {podIP: 10.77.1.10}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: b, namespace: bookinfo}
+spec: {serviceAccountName: b, nodeName: node-1}
+status: {podIP: 10.77.1.11}
+`
+
+func syncAgent(t *testing.T, fc *fakeCapture, link PodLink) *Agent {
+	return &Agent{opts: Options{Node: "node-1", Capture: fc, PodLink: link}, log: slog.New(slog.NewTextHandler(io.Discard, nil))}
+}
+
+func syncTo(t *testing.T, a *Agent, yaml string) {
+	t.Helper()
+	st, errs := cluster.Parse("sync.yaml", []byte(yaml))
+	if len(errs) > 0 {
+		t.Fatal(errs)
+	}
+	a.syncCapture(newView(st, "node-1", spiffeid.RequireTrustDomainFromString("cluster.local")))
+}
+
+// A failed interface lookup (a missing route, a transient netlink error) is no evidence
+// that a pod left: it stays enrolled and its veth keeps the programs.
+func TestSyncKeepsPodsWhoseInterfaceLookupFails(t *testing.T) {
+	fc := newFakeCapture()
+	fail := false
+	links := map[netip.Addr]int{netip.MustParseAddr("10.77.1.10"): 11, netip.MustParseAddr("10.77.1.11"): 12}
+	a := syncAgent(t, fc, func(ip netip.Addr) (int, error) {
+		if fail && ip == netip.MustParseAddr("10.77.1.10") {
+			return 0, errors.New("route to 10.77.1.10 leaves through eth0 (device), not a pod's veth")
+		}
+		return links[ip], nil
+	})
+	syncTo(t, a, syncCluster)
+	if !fc.attached[11] || fc.enrolled[netip.MustParseAddr("10.77.1.10")] != 11 {
+		t.Fatalf("first sync: attached %v enrolled %v", fc.attached, fc.enrolled)
+	}
+	fail = true
+	syncTo(t, a, syncCluster)
+	if !fc.attached[11] || fc.enrolled[netip.MustParseAddr("10.77.1.10")] != 11 || len(fc.detached) != 0 {
+		t.Fatalf("after a failed lookup: attached %v enrolled %v detached %v", fc.attached, fc.enrolled, fc.detached)
+	}
+}
+
+// Two pods claiming one address (IPAM reuse) leave the address out of the view, but
+// both pods stay in the capture: a conflict must fail closed, not open.
+func TestSyncKeepsConflictingPodsEnrolled(t *testing.T) {
+	fc := newFakeCapture()
+	a := syncAgent(t, fc, func(ip netip.Addr) (int, error) { return 11, nil })
+	syncTo(t, a, syncCluster)
+	conflict := syncCluster + `---
+apiVersion: v1
+kind: Pod
+metadata: {name: c, namespace: bookinfo}
+spec: {serviceAccountName: c, nodeName: node-1}
+status: {podIP: 10.77.1.10}
+`
+	syncTo(t, a, conflict)
+	if fc.enrolled[netip.MustParseAddr("10.77.1.10")] == 0 || !fc.attached[11] || len(fc.detached) != 0 {
+		t.Fatalf("after a conflict: attached %v enrolled %v detached %v", fc.attached, fc.enrolled, fc.detached)
+	}
+}
+
+// RouteLink answers only with a veth: with a pod's route gone the kernel points at the
+// uplink, which must never be taken for the pod's interface.
+func TestRouteLinkRefusesTheUplink(t *testing.T) {
+	m := newTestMesh(t, false)
+	ns := m.net.nodes["node-1"]
+	var idx int
+	if err := ns.do(func() (err error) { idx, err = RouteLink(podIP("frontend")); return err }); err != nil || idx == 0 {
+		t.Fatalf("RouteLink with the pod's route: %d, %v", idx, err)
+	}
+	// A node has a default route through its uplink: that is what answers for a pod
+	// whose own route is gone.
+	for _, args := range [][]string{{"route", "replace", "default", "dev", "up1"}, {"route", "del", podIP("frontend").String() + "/32"}} {
+		if out, err := exec.Command("ip", append([]string{"-n", ns.name}, args...)...).CombinedOutput(); err != nil {
+			t.Fatalf("ip %v: %v: %s", args, err, out)
+		}
+	}
+	err := ns.do(func() (err error) { idx, err = RouteLink(podIP("frontend")); return err })
+	if err == nil || !strings.Contains(err.Error(), "not a pod's veth") {
+		t.Fatalf("RouteLink without the pod's route: %d, %v; want a refusal", idx, err)
+	}
+}
