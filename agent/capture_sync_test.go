@@ -45,7 +45,7 @@ func (f *fakeCapture) Unenroll(p bpf.Pod) error {
 	return nil
 }
 func (f *fakeCapture) SetListener(bpf.Role, syscall.Conn) error { return nil }
-func (f *fakeCapture) Counters() ([]bpf.Counter, error)        { return nil, nil }
+func (f *fakeCapture) Counters() ([]bpf.Counter, error)         { return nil, nil }
 
 const syncCluster = `
 apiVersion: v1
