@@ -75,6 +75,9 @@ type Agent struct {
 	streams sync.Map
 	// twOnce logs once that TIME_WAIT sockets cannot be retired.
 	twOnce sync.Once
+	// live is set once a config from the controller (not a cache) has been applied: the
+	// evidence the capture sync needs to un-enroll what a previous agent left pinned.
+	live atomic.Bool
 
 	// updateMu serialises Update and ApplyPolicies and guards policyWorkloads and capture.
 	updateMu        sync.Mutex

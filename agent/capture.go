@@ -20,6 +20,9 @@ type Capture interface {
 	Unenroll(p bpf.Pod) error
 	SetListener(role bpf.Role, l syscall.Conn) error
 	Counters() ([]bpf.Counter, error)
+	// List returns what the enrollment map holds (after a restart, what the previous
+	// agent enrolled).
+	List() ([]bpf.Pod, error)
 }
 
 // PodLink returns the index of the node-side interface that reaches a local pod's
@@ -62,7 +65,10 @@ func RouteLink(ip netip.Addr) (int, error) {
 type captured struct {
 	attached map[int]bool       // pod veths with the programs
 	enrolled map[podKey]bpf.Pod // enrolled pods
-	links    map[podKey]int     // pod -> the veth last found for it
+	// reconciled is set once the pinned enrollment map has been checked against a
+	// config from the controller (see syncCapture).
+	reconciled bool
+	links      map[podKey]int // pod -> the veth last found for it
 }
 
 type podKey struct{ namespace, name string }
@@ -155,6 +161,46 @@ func (a *Agent) syncCapture(v *view) {
 		st.enrolled[k] = p
 		a.log.Info("capture: pod enrolled", "pod", k.namespace+"/"+k.name, "ifindex", p.IfIndex, "ips", fmt.Sprint(p.IPs))
 	}
+	if a.live.Load() && !st.reconciled {
+		a.reconcilePinned(wantEnrolled)
+	}
+}
+
+// reconcilePinned un-enrolls what the pinned enrollment map holds that the config does
+// not: pods that left the mesh while no agent ran. Only on evidence newer than those
+// enrollments: a config from the controller, received by this agent after it started,
+// is newer than anything a previous agent enrolled from; a config cache is not, and never
+// un-enrolls anyone (a stale cache would open plaintext for pods that are still meshed).
+func (a *Agent) reconcilePinned(want map[podKey]bpf.Pod) {
+	st := &a.capture
+	pinned, err := a.opts.Capture.List()
+	if err != nil {
+		a.log.Error("capture: cannot read the pinned enrollment map to reconcile it; will retry", "err", err)
+		return
+	}
+	keep := map[netip.Addr]bool{}
+	for _, p := range want {
+		for _, ip := range p.IPs {
+			keep[ip] = true
+		}
+	}
+	for _, p := range pinned {
+		var stale []netip.Addr
+		for _, ip := range p.IPs {
+			if !keep[ip] {
+				stale = append(stale, ip)
+			}
+		}
+		if len(stale) == 0 {
+			continue
+		}
+		if err := a.opts.Capture.Unenroll(bpf.Pod{IfIndex: p.IfIndex, IPs: stale}); err != nil {
+			a.log.Error("capture: cannot un-enroll a pod the config no longer has; will retry", "ifindex", p.IfIndex, "ips", fmt.Sprint(stale), "err", err)
+			return
+		}
+		a.log.Info("capture: un-enrolled what a previous agent enrolled and the controller's config no longer has", "ifindex", p.IfIndex, "ips", fmt.Sprint(stale))
+	}
+	st.reconciled = true
 }
 
 func sameAddrs(a, b []netip.Addr) bool {

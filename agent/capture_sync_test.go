@@ -46,6 +46,17 @@ func (f *fakeCapture) Unenroll(p bpf.Pod) error {
 }
 func (f *fakeCapture) SetListener(bpf.Role, syscall.Conn) error { return nil }
 func (f *fakeCapture) Counters() ([]bpf.Counter, error)         { return nil, nil }
+func (f *fakeCapture) List() ([]bpf.Pod, error) {
+	byIdx := map[int][]netip.Addr{}
+	for ip, idx := range f.enrolled {
+		byIdx[idx] = append(byIdx[idx], ip)
+	}
+	var out []bpf.Pod
+	for idx, ips := range byIdx {
+		out = append(out, bpf.Pod{IfIndex: idx, IPs: ips})
+	}
+	return out, nil
+}
 
 const syncCluster = `
 apiVersion: v1
@@ -139,5 +150,30 @@ func TestRouteLinkRefusesTheUplink(t *testing.T) {
 	err := ns.do(func() (err error) { idx, err = RouteLink(podIP("frontend")); return err })
 	if err == nil || !strings.Contains(err.Error(), "not a pod's veth") {
 		t.Fatalf("RouteLink without the pod's route: %d, %v; want a refusal", idx, err)
+	}
+}
+
+// After a restart the pinned enrollment map holds what the previous agent enrolled. A
+// pod that left the mesh meanwhile is un-enrolled once a config from the controller says
+// so, never on a config cache, which may be older than the enrollment.
+func TestSyncReconcilesThePinnedMapOnlyOnControllerConfig(t *testing.T) {
+	fc := newFakeCapture()
+	left := netip.MustParseAddr("10.77.1.99")
+	fc.enrolled[left] = 19 // enrolled by the previous agent; the pod is gone
+	fc.enrolled[netip.MustParseAddr("10.77.1.10")] = 11
+	a := syncAgent(t, fc, func(ip netip.Addr) (int, error) {
+		return map[netip.Addr]int{netip.MustParseAddr("10.77.1.10"): 11, netip.MustParseAddr("10.77.1.11"): 12}[ip], nil
+	})
+	syncTo(t, a, syncCluster) // from the config cache
+	if fc.enrolled[left] != 19 {
+		t.Fatal("a config cache un-enrolled a pod a previous agent enrolled")
+	}
+	a.live.Store(true) // the first config from the controller
+	syncTo(t, a, syncCluster)
+	if _, still := fc.enrolled[left]; still {
+		t.Fatal("the controller's config did not un-enroll a pod that left the mesh")
+	}
+	if fc.enrolled[netip.MustParseAddr("10.77.1.10")] != 11 || fc.enrolled[netip.MustParseAddr("10.77.1.11")] != 12 {
+		t.Fatalf("enrolled %v", fc.enrolled)
 	}
 }

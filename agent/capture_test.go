@@ -40,6 +40,7 @@ func (n nsCapture) Unenroll(p bpf.Pod) error {
 }
 func (n nsCapture) SetListener(r bpf.Role, l syscall.Conn) error { return n.c.SetListener(r, l) }
 func (n nsCapture) Counters() ([]bpf.Counter, error)             { return n.c.Counters() }
+func (n nsCapture) List() ([]bpf.Pod, error)                     { return n.c.List() }
 
 // loadCapture loads the real capture in a node namespace, pinned on a private bpffs,
 // and uninstalls it when the test ends.

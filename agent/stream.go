@@ -242,6 +242,12 @@ func (s *ControllerSource) apply(p *api.Push, cache bool) error {
 			return err
 		}
 	}
+	if cache && !s.Agent.live.Load() {
+		// The first config from the controller itself: evidence newer than whatever a
+		// previous agent enrolled, so the capture may now reconcile the pinned map.
+		s.Agent.live.Store(true)
+		ch.cluster = true
+	}
 	if ch.cluster {
 		s.Agent.Update(next.state())
 	}
