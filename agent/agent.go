@@ -185,7 +185,18 @@ func (a *Agent) Update(st *cluster.State) {
 		a.store.DeleteWorkloads(gone...)
 	}
 	a.store.SetWorkloads(ws...)
-	a.view.Store(v)
+	old := a.view.Swap(v)
+	if old != nil && a.metrics != nil {
+		now := map[podKey]bool{}
+		for _, p := range st.Pods {
+			now[podKey{p.Namespace, p.Name}] = true
+		}
+		for _, p := range old.state.Pods {
+			if !now[podKey{p.Namespace, p.Name}] {
+				a.metrics.forget(p.Namespace, p.Name)
+			}
+		}
+	}
 	for _, ip := range v.conflicts {
 		a.log.Error("address claimed by more than one pod: connections to and from it are refused", "ip", ip.String())
 	}

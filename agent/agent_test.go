@@ -19,6 +19,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/veilmesh/veil/identity"
+	"github.com/veilmesh/veil/internal/cluster"
 	"github.com/veilmesh/veil/tunnel"
 )
 
@@ -362,5 +363,48 @@ func TestHBONEWithoutForwarded(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// Series name pods (source_workload is the pod's name): a pod that is gone takes its
+// series with it, so pod churn does not grow them without end.
+func TestMetricSeriesOfDeletedPodsAreDropped(t *testing.T) {
+	m := newTestMesh(t)
+	if got, err := m.whoami(t, "frontend", appAddr("reviews"), "node-1", false); err != nil || got != "reviews sees 10.77.1.10" {
+		t.Fatalf("frontend -> reviews: %q, %v", got, err)
+	}
+	a := m.agents["node-2"]
+	series := func() int {
+		mfs, err := a.Registry().Gather()
+		if err != nil {
+			t.Fatal(err)
+		}
+		n := 0
+		for _, mf := range mfs {
+			for _, s := range mf.GetMetric() {
+				for _, l := range s.GetLabel() {
+					if strings.HasSuffix(l.GetName(), "_workload") && l.GetValue() == "frontend" {
+						n++
+					}
+				}
+			}
+		}
+		return n
+	}
+	if series() == 0 {
+		t.Fatal("no series name frontend")
+	}
+	without := strings.Replace(clusterYAML, `metadata: {name: frontend, namespace: bookinfo, labels: {app: frontend}}
+spec: {serviceAccountName: frontend, nodeName: node-1}
+status: {podIP: 10.77.1.10, hostIP: 10.77.0.1}`, `metadata: {name: frontend2, namespace: bookinfo, labels: {app: frontend}}
+spec: {serviceAccountName: frontend, nodeName: node-1}
+status: {podIP: 10.77.1.12, hostIP: 10.77.0.1}`, 1)
+	st, errs := cluster.Parse("churn.yaml", []byte(without))
+	if len(errs) > 0 || without == clusterYAML {
+		t.Fatalf("cluster without frontend: %v", errs)
+	}
+	a.Update(st)
+	if n := series(); n != 0 {
+		t.Fatalf("%d series still name the deleted pod frontend", n)
 	}
 }

@@ -100,6 +100,16 @@ func newFlow(reporter string, src, dst *workload, srcPrincipal, dstPrincipal str
 
 func (m *metrics) open(f flow) { m.opened.With(f.labels).Inc() }
 
+// forget deletes every series that names a pod, as source or destination, once the pod
+// is gone: source_workload is the pod's name, so without this pod churn would grow the
+// series without end.
+func (m *metrics) forget(namespace, name string) {
+	for _, v := range []*prometheus.CounterVec{m.opened, m.closed, m.sent, m.received, m.failed} {
+		v.DeletePartialMatch(prometheus.Labels{"source_workload": name, "source_workload_namespace": namespace})
+		v.DeletePartialMatch(prometheus.Labels{"destination_workload": name, "destination_workload_namespace": namespace})
+	}
+}
+
 // close records the end of a connection: AToB is client->destination.
 func (m *metrics) close(f flow, toDest, toClient int64) {
 	m.closed.With(f.labels).Inc()
