@@ -53,6 +53,11 @@ type Options struct {
 	Capture Capture
 	// PodLink finds a local pod's veth. Default RouteLink.
 	PodLink PodLink
+	// MaxConnections bounds the connections the agent proxies at once (captured ones and
+	// HBONE streams); MaxConnectionsPerSource bounds those of one source address (a pod,
+	// or for HBONE the original client). Past them a new connection is reset. Defaults
+	// 65536 and 8192.
+	MaxConnections, MaxConnectionsPerSource int
 	// Registry receives the metrics. Default a new registry (see Agent.Registry).
 	Registry *prometheus.Registry
 	Log      *slog.Logger
@@ -73,6 +78,10 @@ type Agent struct {
 	metrics *metrics
 	// streams maps each admitted HBONE *tunnel.Request to its *inbound until Done.
 	streams sync.Map
+	// limit bounds the connections proxied at once.
+	limit *connLimit
+	// denyRate limits the deny log lines.
+	denyRate rateLimit
 	// twOnce logs once that TIME_WAIT sockets cannot be retired.
 	twOnce sync.Once
 	// live is set once a config from the controller (not a cache) has been applied: the
@@ -132,12 +141,19 @@ func New(opts Options) (*Agent, error) {
 	if opts.PodLink == nil {
 		opts.PodLink = RouteLink
 	}
+	if opts.MaxConnections <= 0 {
+		opts.MaxConnections = defaultMaxConnections
+	}
+	if opts.MaxConnectionsPerSource <= 0 {
+		opts.MaxConnectionsPerSource = defaultMaxPerSource
+	}
 	if opts.Capture != nil {
 		if err := opts.Registry.Register(newCaptureCollector(opts.Capture)); err != nil {
 			return nil, fmt.Errorf("agent: capture metrics: %w", err)
 		}
 	}
-	a := &Agent{opts: opts, log: opts.Log, metrics: newMetrics(opts.Registry), policyWorkloads: map[policy.WorkloadKey]bool{}}
+	a := &Agent{opts: opts, log: opts.Log, metrics: newMetrics(opts.Registry), policyWorkloads: map[policy.WorkloadKey]bool{},
+		limit: &connLimit{max: opts.MaxConnections, perSource: opts.MaxConnectionsPerSource}}
 	a.store.Options = opts.Policy
 	a.ctx, a.cancel = context.WithCancel(context.Background())
 	a.view.Store(newView(&cluster.State{Namespaces: map[string]*cluster.Namespace{}}, opts.Node, opts.TrustDomain))
@@ -317,9 +333,18 @@ func (a *Agent) Close() error {
 // accepted socket's local address, which the capture preserved), to handle.
 func (a *Agent) acceptLoop(l net.Listener, handle func(context.Context, net.Conn, netip.AddrPort)) {
 	tunnel.AcceptLoop(l, func(c net.Conn) {
+		src := addrPort(c.RemoteAddr()).Addr()
+		if !a.limit.acquire(src) {
+			a.denyLog("connection refused: too many connections", "src", src.String(), "dst", c.LocalAddr().String(),
+				"max", a.opts.MaxConnections, "max_per_source", a.opts.MaxConnectionsPerSource)
+			a.metrics.fail(newFlow("source", nil, nil, "", "", false), flagOverflow)
+			reset(c)
+			return
+		}
 		a.wg.Add(1)
 		go func() {
 			defer a.wg.Done()
+			defer a.limit.release(src)
 			handle(a.ctx, c, addrPort(c.LocalAddr()))
 		}()
 	}, func(err error) { a.log.Error("accept failed; retrying", "addr", l.Addr().String(), "err", err) })

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"io"
 	"math/rand/v2"
+	"net"
 	"net/netip"
 	"os"
 	"strings"
@@ -406,5 +407,75 @@ status: {podIP: 10.77.1.12, hostIP: 10.77.0.1}`, 1)
 	a.Update(st)
 	if n := series(); n != 0 {
 		t.Fatalf("%d series still name the deleted pod frontend", n)
+	}
+}
+
+// A pod may hold at most MaxConnectionsPerSource proxied connections: past it, new ones
+// are reset, and a freed slot is usable again.
+func TestConnectionLimitPerSource(t *testing.T) {
+	m := newTestMesh(t, true)
+	a := m.agents["node-1"]
+	a.limit.mu.Lock()
+	a.limit.perSource = 3
+	a.limit.mu.Unlock()
+	var held []net.Conn
+	for i := 0; i < 3; i++ {
+		c, err := m.plainDial(t, "frontend", appAddr("reviews"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.WriteString(c, "hold\n")
+		held = append(held, c)
+	}
+	eventually(t, "three connections held", func() bool {
+		a.limit.mu.Lock()
+		defer a.limit.mu.Unlock()
+		return a.limit.total == 3
+	})
+	if got, err := m.plainWhoami(t, "frontend", appAddr("reviews")); !isReset(err) {
+		t.Fatalf("a fourth connection: %q, %v; want a reset", got, err)
+	}
+	held[0].Close()
+	eventually(t, "a slot to free", func() bool {
+		a.limit.mu.Lock()
+		defer a.limit.mu.Unlock()
+		return a.limit.total == 2
+	})
+	if got, err := m.plainWhoami(t, "frontend", appAddr("reviews")); err != nil || got != "reviews sees 10.77.1.10" {
+		t.Fatalf("after a slot freed: %q, %v", got, err)
+	}
+}
+
+// Deny log lines are rate limited; the ones dropped are counted on the next line.
+func TestDenyLogIsRateLimited(t *testing.T) {
+	var r rateLimit
+	now := time.Now()
+	n := 0
+	for i := 0; i < 1000; i++ {
+		if ok, _ := r.allow(now); ok {
+			n++
+		}
+	}
+	if n != denyLogBurst {
+		t.Fatalf("%d lines out of a burst of 1000, want %d", n, denyLogBurst)
+	}
+	ok, dropped := r.allow(now.Add(time.Second))
+	if !ok || dropped != 1000-denyLogBurst {
+		t.Fatalf("a second later: %v, %d dropped reported; want %d", ok, dropped, 1000-denyLogBurst)
+	}
+}
+
+// An enrolled pod always speaks HBONE to enrolled destinations: plaintext from its address
+// is a bypass or a spoofed source, refused even under PERMISSIVE.
+func TestPlaintextFromAnEnrolledPodIsRefused(t *testing.T) {
+	m := newTestMesh(t)
+	if got, err := m.whoami(t, "sleep", appAddr("reviews"), "node-2", true); err != nil || got != "reviews sees 10.77.1.20" {
+		t.Fatalf("legacy sleep -> reviews in plaintext under PERMISSIVE: %q, %v", got, err)
+	}
+	if got, err := m.whoami(t, "frontend", appAddr("reviews"), "node-2", true); !isReset(err) {
+		t.Fatalf("plaintext from enrolled frontend: %q, %v; want a reset", got, err)
+	}
+	if log := m.logs["node-2"].String(); !strings.Contains(log, "plaintext from an enrolled pod") {
+		t.Fatal("the refusal was not logged")
 	}
 }

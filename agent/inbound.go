@@ -35,7 +35,7 @@ func (a *Agent) admit(ctx context.Context, f flow, peer policy.Peer, dst *worklo
 		if d.Policy != nil {
 			pol = d.Policy.Namespace + "/" + d.Policy.Name
 		}
-		a.log.Info("connection denied", "src", src.String(), "src_principal", peer.URI, "dst", target.String(), "dst_workload", dst.String(), "policy", pol, "decision", d.String())
+		a.denyLog("connection denied", "src", src.String(), "src_principal", peer.URI, "dst", target.String(), "dst_workload", dst.String(), "policy", pol, "decision", d.String())
 		a.metrics.fail(f, flagDenied)
 		a.metrics.denied.WithLabelValues(f.labels["reporter"], dst.pod.Namespace, pol).Inc()
 		return nil, nil, fmt.Errorf("%w: %s", errDenied, d.String())
@@ -52,7 +52,7 @@ func (a *Agent) admit(ctx context.Context, f flow, peer policy.Peer, dst *worklo
 	if d := a.store.Snapshot().EvaluateL4(&pc); !d.Allowed() {
 		remove()
 		up.Close()
-		a.log.Info("connection denied", "src", src.String(), "src_principal", peer.URI, "dst", target.String(), "dst_workload", dst.String(), "decision", d.String())
+		a.denyLog("connection denied", "src", src.String(), "src_principal", peer.URI, "dst", target.String(), "dst_workload", dst.String(), "decision", d.String())
 		a.metrics.fail(f, flagDenied)
 		return nil, nil, fmt.Errorf("%w: %s", errDenied, d.String())
 	}
@@ -87,11 +87,20 @@ func (a *Agent) connectInbound(ctx context.Context, r *tunnel.Request) (net.Conn
 		if src != nil {
 			owner = src.id.String()
 		}
-		a.log.Info("connection denied: source does not belong to the peer", "src", r.Source.String(), "forwarded", r.Forwarded, "src_owner", owner, "peer", r.Peer.String(), "dst", r.Destination.String())
+		a.denyLog("connection denied: source does not belong to the peer", "src", r.Source.String(), "forwarded", r.Forwarded, "src_owner", owner, "peer", r.Peer.String(), "dst", r.Destination.String())
 		a.metrics.fail(f, flagDenied)
 		return nil, tunnel.Denied(fmt.Errorf("source %s belongs to %s, not to peer %s", r.Source.Addr(), owner, r.Peer))
 	}
+	if !a.limit.acquire(r.Source.Addr()) {
+		a.denyLog("connection refused: too many connections", "src", r.Source.String(), "peer", r.Peer.String(), "dst", r.Destination.String(),
+			"max", a.opts.MaxConnections, "max_per_source", a.opts.MaxConnectionsPerSource)
+		a.metrics.fail(f, flagOverflow)
+		return nil, tunnel.Unreachable(errors.New("too many connections"))
+	}
 	up, remove, err := a.admit(ctx, f, peerOf(r.Peer), dst, r.Source, r.Destination)
+	if err != nil {
+		a.limit.release(r.Source.Addr())
+	}
 	if errors.Is(err, errDenied) {
 		return nil, tunnel.Denied(err)
 	}
@@ -99,7 +108,7 @@ func (a *Agent) connectInbound(ctx context.Context, r *tunnel.Request) (net.Conn
 		return nil, tunnel.Unreachable(err)
 	}
 	a.metrics.open(f)
-	a.streams.Store(r, &inbound{flow: f, remove: remove})
+	a.streams.Store(r, &inbound{flow: f, remove: func() { remove(); a.limit.release(r.Source.Addr()) }})
 	return up, nil
 }
 
@@ -128,7 +137,17 @@ func (a *Agent) Plaintext(ctx context.Context, c net.Conn, orig netip.AddrPort) 
 		reset(c)
 		return
 	}
-	f := newFlow("destination", v.byIP[srcAddr.Addr()], dst, "", dst.id.String(), false)
+	srcW := v.byIP[srcAddr.Addr()]
+	f := newFlow("destination", srcW, dst, "", dst.id.String(), false)
+	if srcW != nil && srcW.enrolled {
+		// An enrolled pod always reaches an enrolled pod over HBONE (or, on this node,
+		// through the agent): plaintext from its address is a bypass of its own agent or
+		// a spoofed source. Refused whatever the PeerAuthentication mode.
+		a.denyLog("connection denied: plaintext from an enrolled pod's address (capture bypassed or source spoofed)", "src", srcAddr.String(), "src_workload", srcW.String(), "dst", orig.String(), "dst_workload", dst.String())
+		a.metrics.fail(f, flagDenied)
+		reset(c)
+		return
+	}
 	up, remove, err := a.admit(ctx, f, policy.Peer{}, dst, srcAddr, orig)
 	if err != nil {
 		reset(c)

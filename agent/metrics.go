@@ -41,9 +41,10 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 
 // Values of response_flags on istio_tcp_connections_failed_total.
 const (
-	flagDenied      = "DENIED"          // refused by AuthorizationPolicy or PeerAuthentication
-	flagUnreachable = "UPSTREAM_FAILED" // the destination could not be reached
-	flagNoRoute     = "NO_ROUTE"        // no endpoint, or a captured source that is not ours
+	flagDenied      = "DENIED"            // refused by AuthorizationPolicy or PeerAuthentication
+	flagUnreachable = "UPSTREAM_FAILED"   // the destination could not be reached
+	flagNoRoute     = "NO_ROUTE"          // no endpoint, or a captured source that is not ours
+	flagOverflow    = "UPSTREAM_OVERFLOW" // past the agent's connection limits (Envoy's UO)
 )
 
 // flow is one proxied connection's labels, computed once.

@@ -85,7 +85,7 @@ func (a *Agent) viaHBONE(ctx context.Context, c net.Conn, src, dst *workload, sr
 	if err != nil {
 		var se *tunnel.StatusError
 		if errors.As(err, &se) && se.Code == http.StatusUnauthorized {
-			a.log.Info("outbound: denied by the destination's policy", "src", srcAddr.String(), "src_workload", src.String(), "dst", target.String(), "dst_workload", dst.String())
+			a.denyLog("outbound: denied by the destination's policy", "src", srcAddr.String(), "src_workload", src.String(), "dst", target.String(), "dst_workload", dst.String())
 			a.metrics.fail(f, flagDenied)
 		} else {
 			a.log.Warn("outbound: HBONE connect failed", "src", srcAddr.String(), "dst", target.String(), "dst_workload", dst.String(), "err", err)
