@@ -28,7 +28,48 @@ type CAServer struct {
 	// services must end their streams when ctx ends: Serve stops gracefully, and stops
 	// hard after StopTimeout.
 	Services []interface{ Register(*grpc.Server) }
-	Log      *slog.Logger
+	// MaxConnectionIdle closes (GOAWAY) a connection with no call in progress for this
+	// long. A config stream is one call in progress for as long as it lasts, so an
+	// agent's connection is never idle while it subscribes. Default
+	// DefaultMaxConnectionIdle.
+	MaxConnectionIdle time.Duration
+	// KeepaliveTime and KeepaliveTimeout: after KeepaliveTime without activity on a
+	// connection the server pings the client, and closes the connection when no answer
+	// comes within KeepaliveTimeout. Defaults DefaultKeepaliveTime and
+	// DefaultKeepaliveTimeout.
+	KeepaliveTime, KeepaliveTimeout time.Duration
+	Log                             *slog.Logger
+}
+
+const (
+	// DefaultMaxConnectionIdle is how long a connection may stay open with no call.
+	DefaultMaxConnectionIdle = 15 * time.Minute
+	// DefaultKeepaliveTime and DefaultKeepaliveTimeout are the server's pings.
+	DefaultKeepaliveTime    = 30 * time.Second
+	DefaultKeepaliveTimeout = 10 * time.Second
+	// KeepaliveMinTime is how often a client may ping: agents ping every 30s; more
+	// often than this gets a client's connection closed (GOAWAY "too_many_pings").
+	KeepaliveMinTime = 10 * time.Second
+)
+
+// keepalive returns the server's keepalive settings. Config streams are long-lived: the
+// server pings quiet connections so a vanished agent frees its stream, lets agents ping
+// as often as every KeepaliveMinTime to notice a vanished controller (with or without a
+// call in progress: pings do not keep a connection from being idle), and closes
+// connections with no call for MaxConnectionIdle.
+func (s *CAServer) keepalive() (keepalive.ServerParameters, keepalive.EnforcementPolicy) {
+	or := func(d, def time.Duration) time.Duration {
+		if d <= 0 {
+			return def
+		}
+		return d
+	}
+	return keepalive.ServerParameters{
+			MaxConnectionIdle: or(s.MaxConnectionIdle, DefaultMaxConnectionIdle),
+			Time:              or(s.KeepaliveTime, DefaultKeepaliveTime),
+			Timeout:           or(s.KeepaliveTimeout, DefaultKeepaliveTimeout),
+		},
+		keepalive.EnforcementPolicy{MinTime: KeepaliveMinTime, PermitWithoutStream: true}
 }
 
 // StopTimeout is how long Serve waits for calls in progress when ctx ends.
@@ -52,15 +93,13 @@ func (s *CAServer) Serve(ctx context.Context, lis net.Listener) error {
 	if err != nil {
 		return err
 	}
+	kp, ep := s.keepalive()
 	g := grpc.NewServer(grpc.Creds(credentials.NewTLS(&tls.Config{
 		MinVersion:   tls.VersionTLS13,
 		Certificates: []tls.Certificate{cert},
 	})),
-		// Config streams are long-lived: ping idle agents so a vanished one frees its
-		// stream, and let agents ping as often as every 10s to notice a vanished
-		// controller.
-		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 30 * time.Second, Timeout: 10 * time.Second}),
-		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
+		grpc.KeepaliveParams(kp),
+		grpc.KeepaliveEnforcementPolicy(ep),
 	)
 	(&identity.Server{CA: s.CA, Auth: s.Auth, Workloads: s.Workloads, Log: log}).Register(g)
 	for _, svc := range s.Services {

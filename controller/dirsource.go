@@ -21,7 +21,8 @@ import (
 // Services and the security.istio.io kinds, in every *.yaml, *.yml and *.json file
 // directly in Dir (kubectl-style, several documents a file, kind List unpacked; other
 // kinds such as ServiceAccount or Deployment are skipped). It polls the directory for
-// changes.
+// changes, following symlinks: a ConfigMap mounted as Dir (keys linked through "..data",
+// which the kubelet swaps on an update) reloads like a directory of plain files.
 //
 // A bad object is reported and left out; the rest keeps serving. An object that was good
 // keeps its last good version while it is bad (a policy that no longer validates, a pod
@@ -64,11 +65,8 @@ func (s *DirSource) Load() (cfg *Config, err error) {
 	}
 	var files []string
 	for _, e := range ents {
-		switch strings.ToLower(filepath.Ext(e.Name())) {
-		case ".yaml", ".yml", ".json":
-			if !e.IsDir() {
-				files = append(files, filepath.Join(s.Dir, e.Name()))
-			}
+		if configFile(s.Dir, e) {
+			files = append(files, filepath.Join(s.Dir, e.Name()))
 		}
 	}
 	sort.Strings(files)
@@ -254,7 +252,31 @@ func (s *DirSource) Run(ctx context.Context, update func(*Config)) error {
 	}
 }
 
-// dirDigest hashes the names, sizes and modification times of the directory's entries.
+// configFile reports whether Load reads the entry e of dir: a *.yaml, *.yml or *.json
+// file, or a symlink to one. Names starting with ".." are the kubelet's own in a
+// ConfigMap or Secret mount ("..data", the timestamped directory it points to): their
+// files are read once, through the keys' symlinks.
+func configFile(dir string, e os.DirEntry) bool {
+	if strings.HasPrefix(e.Name(), "..") {
+		return false
+	}
+	switch strings.ToLower(filepath.Ext(e.Name())) {
+	case ".yaml", ".yml", ".json":
+	default:
+		return false
+	}
+	if e.Type()&os.ModeSymlink != 0 {
+		// A dangling link is read, and reported, as a file that cannot be.
+		st, err := os.Stat(filepath.Join(dir, e.Name()))
+		return err != nil || !st.IsDir()
+	}
+	return !e.IsDir()
+}
+
+// dirDigest hashes the names, sizes and modification times of the directory's entries,
+// and for a symlink also where it leads and the size and time of what it leads to. A
+// ConfigMap mount changes only the target of "..data", and a directory of symlinks into
+// another one changes nothing of its own: the links themselves stay as they are.
 func dirDigest(dir string) (uint64, error) {
 	ents, err := os.ReadDir(dir)
 	if err != nil {
@@ -267,7 +289,19 @@ func dirDigest(dir string) (uint64, error) {
 			fmt.Fprintf(h, "%s\x00gone\n", e.Name())
 			continue
 		}
-		fmt.Fprintf(h, "%s\x00%d\x00%d\n", e.Name(), info.Size(), info.ModTime().UnixNano())
+		fmt.Fprintf(h, "%s\x00%d\x00%d", e.Name(), info.Size(), info.ModTime().UnixNano())
+		if info.Mode()&os.ModeSymlink != 0 {
+			path := filepath.Join(dir, e.Name())
+			target, err := filepath.EvalSymlinks(path)
+			if err != nil {
+				fmt.Fprintf(h, "\x00dangling")
+			} else if st, err := os.Stat(target); err != nil {
+				fmt.Fprintf(h, "\x00%s\x00gone", target)
+			} else {
+				fmt.Fprintf(h, "\x00%s\x00%d\x00%d", target, st.Size(), st.ModTime().UnixNano())
+			}
+		}
+		fmt.Fprintln(h)
 	}
 	return h.Sum64(), nil
 }

@@ -2,6 +2,7 @@ package controller
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -237,5 +238,156 @@ spec:
 		if svc.Name == "lower" {
 			t.Fatal("served a Service every agent would refuse")
 		}
+	}
+}
+
+// configMapMount lays out dir as the kubelet mounts a ConfigMap: each key a symlink into
+// "..data", itself a symlink to a timestamped directory holding the files.
+type configMapMount struct {
+	t   *testing.T
+	dir string
+	ts  string // the timestamped directory "..data" points to
+	n   int
+}
+
+func newConfigMapMount(t *testing.T, dir string, files map[string]string) *configMapMount {
+	t.Helper()
+	m := &configMapMount{t: t, dir: dir}
+	m.writeVersion(files)
+	if err := os.Symlink(m.ts, filepath.Join(dir, "..data")); err != nil {
+		t.Fatal(err)
+	}
+	for name := range files {
+		if err := os.Symlink(filepath.Join("..data", name), filepath.Join(dir, name)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return m
+}
+
+func (m *configMapMount) writeVersion(files map[string]string) {
+	m.t.Helper()
+	m.n++
+	m.ts = fmt.Sprintf("..2026_12_01_00_0%d_00.%d", m.n, m.n)
+	if err := os.Mkdir(filepath.Join(m.dir, m.ts), 0o755); err != nil {
+		m.t.Fatal(err)
+	}
+	for name, data := range files {
+		if err := os.WriteFile(filepath.Join(m.dir, m.ts, name), []byte(data), 0o644); err != nil {
+			m.t.Fatal(err)
+		}
+	}
+}
+
+// update is the kubelet's update of the same keys: a new timestamped directory, a new
+// symlink renamed over "..data" (atomic), the old directory removed. The keys' own
+// symlinks do not change.
+func (m *configMapMount) update(files map[string]string) {
+	m.t.Helper()
+	old := m.ts
+	m.writeVersion(files)
+	tmp := filepath.Join(m.dir, "..data_tmp")
+	if err := os.Symlink(m.ts, tmp); err != nil {
+		m.t.Fatal(err)
+	}
+	if err := os.Rename(tmp, filepath.Join(m.dir, "..data")); err != nil {
+		m.t.Fatal(err)
+	}
+	if err := os.RemoveAll(filepath.Join(m.dir, old)); err != nil {
+		m.t.Fatal(err)
+	}
+}
+
+// TestDirSourceFollowsConfigMapMount: a directory of symlinks, as a ConfigMap mount is,
+// reloads within its poll interval when the kubelet swaps "..data", and every file is read
+// once (not again through "..data" or the timestamped directory). Both the mount itself
+// as --config-dir, and a directory whose files are symlinks into a mount elsewhere (whose
+// own entries never change).
+func TestDirSourceFollowsConfigMapMount(t *testing.T) {
+	const strict = "pod bookinfo/productpage-v1 10.77.2.10; pod bookinfo/reviews-v1 10.77.1.10; " +
+		"PeerAuthentication bookinfo/default STRICT; AuthorizationPolicy bookinfo/reviews-allow-productpage from cluster.local/ns/bookinfo/sa/bookinfo-productpage"
+	permissive := strings.Replace(strict, "STRICT", "PERMISSIVE", 1)
+	files := func(mode string) map[string]string {
+		return map[string]string{
+			"cluster.yaml": readTestdata(t, "config/cluster.yaml"),
+			"policy.yaml":  strings.Replace(readTestdata(t, "config/policy.yaml"), "STRICT", mode, 1),
+		}
+	}
+	for _, tc := range []struct {
+		name string
+		// setup returns the directory to load and the mount to update.
+		setup func(t *testing.T) (string, *configMapMount)
+	}{
+		{"the config dir is the mount", func(t *testing.T) (string, *configMapMount) {
+			dir := t.TempDir()
+			return dir, newConfigMapMount(t, dir, files("STRICT"))
+		}},
+		{"the config dir links into a mount", func(t *testing.T) (string, *configMapMount) {
+			root := t.TempDir()
+			mount, dir := filepath.Join(root, "cm"), filepath.Join(root, "config")
+			for _, d := range []string{mount, dir} {
+				if err := os.Mkdir(d, 0o755); err != nil {
+					t.Fatal(err)
+				}
+			}
+			m := newConfigMapMount(t, mount, files("STRICT"))
+			for name := range files("STRICT") {
+				if err := os.Symlink(filepath.Join("..", "cm", name), filepath.Join(dir, name)); err != nil {
+					t.Fatal(err)
+				}
+			}
+			return dir, m
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir, mount := tc.setup(t)
+			if cfg, err := (&DirSource{Dir: dir}).Load(); err != nil || summary(cfg) != strict {
+				t.Fatalf("Load: %v\n got %s\nwant %s", err, summary(cfg), strict)
+			}
+			var mu sync.Mutex
+			var got []*Config
+			ctx, cancel := context.WithCancel(context.Background())
+			done := make(chan error, 1)
+			const interval = 20 * time.Millisecond
+			src := &DirSource{Dir: dir, Interval: interval, Log: slog.New(slog.DiscardHandler)}
+			go func() {
+				done <- src.Run(ctx, func(c *Config) { mu.Lock(); got = append(got, c); mu.Unlock() })
+			}()
+			defer func() {
+				cancel()
+				if err := <-done; err != nil {
+					t.Error(err)
+				}
+			}()
+			last := func() (int, string) {
+				mu.Lock()
+				defer mu.Unlock()
+				if len(got) == 0 {
+					return 0, ""
+				}
+				return len(got), summary(got[len(got)-1])
+			}
+			waitFor(t, "first load", func() bool { n, _ := last(); return n == 1 })
+			if _, s := last(); s != strict {
+				t.Fatalf("first load:\n got %s\nwant %s", s, strict)
+			}
+
+			mount.update(files("PERMISSIVE"))
+			start := time.Now()
+			waitFor(t, "the ConfigMap update", func() bool { _, s := last(); return s == permissive })
+			// A poll, the settle time and the load; generous for a loaded machine.
+			if took := time.Since(start); took > 25*interval {
+				t.Errorf("the update took %v to load; the poll interval is %v", took, interval)
+			}
+			if cfg, err := (&DirSource{Dir: dir}).Load(); err != nil || summary(cfg) != permissive {
+				t.Fatalf("Load after the update: %v\n got %s\nwant %s", err, summary(cfg), permissive)
+			}
+			// And nothing more without a change.
+			n, _ := last()
+			time.Sleep(5 * interval)
+			if m, _ := last(); m != n {
+				t.Errorf("%d loads without a change", m-n)
+			}
+		})
 	}
 }

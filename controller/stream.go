@@ -21,14 +21,22 @@ import (
 	"google.golang.org/protobuf/proto"
 )
 
-// DefaultHistory is how many config versions back an agent can resume with a delta.
-const DefaultHistory = 1024
+const (
+	// DefaultHistory is how many config versions back an agent can resume with a delta.
+	DefaultHistory = 1024
+	// DefaultMaxStreamsPerNode is how many config streams a node may hold open at once.
+	DefaultMaxStreamsPerNode = 4
+	// DefaultAckTimeout is how long an agent has to answer a push.
+	DefaultAckTimeout = 30 * time.Second
+)
 
 // ConfigServer serves the config stream (api.ConfigService) to node agents: per agent, a
 // full snapshot or a delta from the version the agent holds, then a delta after every
 // change, one push in flight at a time. Agents authenticate as for the CA, and may
-// subscribe only as their own node. Feed it with Set; register it on the controller's
-// gRPC server; Close it before stopping that server, since streams are long-lived.
+// subscribe only as their own node, with at most MaxStreamsPerNode streams a node, and
+// must answer each push within AckTimeout. Feed it with Set; register it on the
+// controller's gRPC server; Close it before stopping that server, since streams are
+// long-lived.
 //
 // Until the first Set, subscribers wait: an empty config is never served in place of one
 // not read yet. Safe for concurrent use.
@@ -43,7 +51,18 @@ type ConfigServer struct {
 	// History is how many versions back a reconnecting agent can resume with a delta
 	// rather than a full snapshot. Default DefaultHistory.
 	History int
-	Log     *slog.Logger
+	// MaxStreamsPerNode is how many config streams one node may hold open at once; a
+	// Subscribe beyond it is refused with ResourceExhausted. Default
+	// DefaultMaxStreamsPerNode; never less than 2, for a DaemonSet's rolling update,
+	// where a node's old and new agent are both connected for a moment.
+	MaxStreamsPerNode int
+	// AckTimeout is how long the server waits for an agent's answer: the Subscribe that
+	// opens a stream, and the Ack or Nack of each push (counted from when the push is
+	// handed to the transport). An agent that does not answer in time has its stream
+	// ended with DeadlineExceeded; it reconnects and resumes from its version. Default
+	// DefaultAckTimeout. A stream with no push in flight has no deadline.
+	AckTimeout time.Duration
+	Log        *slog.Logger
 
 	once sync.Once
 	// mu guards everything below.
@@ -315,6 +334,34 @@ func (s *ConfigServer) ready(stream grpc.ServerStream) error {
 	}
 }
 
+// maxStreams is the cap on one node's streams in force.
+func (s *ConfigServer) maxStreams() int {
+	switch n := s.MaxStreamsPerNode; {
+	case n <= 0:
+		return DefaultMaxStreamsPerNode
+	case n < 2:
+		return 2
+	default:
+		return n
+	}
+}
+
+func (s *ConfigServer) ackTimeout() time.Duration {
+	if s.AckTimeout <= 0 {
+		return DefaultAckTimeout
+	}
+	return s.AckTimeout
+}
+
+// received is one result of the stream's Recv.
+type received struct {
+	m   *api.AgentMessage
+	err error
+}
+
+// errNoAnswer is what recv returns when the agent does not answer in time.
+var errNoAnswer = errors.New("no answer in time")
+
 // Subscribe implements api.ConfigServiceServer.
 func (s *ConfigServer) Subscribe(stream api.ConfigService_SubscribeServer) error {
 	s.init()
@@ -328,7 +375,65 @@ func (s *ConfigServer) Subscribe(stream api.ConfigService_SubscribeServer) error
 		log.Warn("config: refused: unauthenticated", "peer", peerAddr(stream), "err", err)
 		return status.Errorf(codes.Unauthenticated, "controller: %v", err)
 	}
-	first, err := stream.Recv()
+	// The cap counts streams by the credential's node from here, so that streams which
+	// never subscribe count too.
+	node, limit := caller.Node, s.maxStreams()
+	s.mu.Lock()
+	if n := s.agents[node]; n >= limit {
+		s.mu.Unlock()
+		log.Warn("config: refused: too many streams for the node", "node", node, "streams", n, "max", limit, "peer", peerAddr(stream))
+		return status.Errorf(codes.ResourceExhausted, "controller: node %q already has %d config streams open, the most one node may hold (%d)", node, n, limit)
+	}
+	s.agents[node]++
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		s.agents[node]--
+		if s.agents[node] == 0 {
+			delete(s.agents, node)
+		}
+		s.mu.Unlock()
+	}()
+
+	// One goroutine receives, so that the wait for an answer can have a deadline. It
+	// ends when the stream does (returning from here ends the stream).
+	msgs := make(chan received)
+	done := make(chan struct{})
+	defer close(done)
+	go func() {
+		for {
+			m, err := stream.Recv()
+			select {
+			case msgs <- received{m, err}:
+			case <-done:
+				return
+			}
+			if err != nil {
+				return
+			}
+		}
+	}()
+	timeout := s.ackTimeout()
+	recv := func() (*api.AgentMessage, error) {
+		t := time.NewTimer(timeout)
+		defer t.Stop()
+		select {
+		case r := <-msgs:
+			return r.m, r.err
+		case <-t.C:
+			return nil, errNoAnswer
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-s.closed:
+			return nil, status.Error(codes.Unavailable, "controller: stopping")
+		}
+	}
+
+	first, err := recv()
+	if err == errNoAnswer {
+		log.Warn("config: refused: no Subscribe in time", "node", node, "timeout", timeout, "peer", peerAddr(stream))
+		return status.Errorf(codes.DeadlineExceeded, "controller: node %q: no Subscribe within %v", node, timeout)
+	}
 	if err != nil {
 		return err
 	}
@@ -340,20 +445,7 @@ func (s *ConfigServer) Subscribe(stream api.ConfigService_SubscribeServer) error
 		log.Warn("config: refused: node is not the caller's", "node", caller.Node, "subscribe_as", sub.GetNode(), "peer", peerAddr(stream))
 		return status.Errorf(codes.PermissionDenied, "controller: the credential is node %q's; it cannot subscribe as node %q", caller.Node, sub.GetNode())
 	}
-	node := caller.Node
 	log = log.With("node", node)
-
-	s.mu.Lock()
-	s.agents[node]++
-	s.mu.Unlock()
-	defer func() {
-		s.mu.Lock()
-		s.agents[node]--
-		if s.agents[node] == 0 {
-			delete(s.agents, node)
-		}
-		s.mu.Unlock()
-	}()
 
 	if err := s.ready(stream); err != nil {
 		return err
@@ -372,6 +464,11 @@ func (s *ConfigServer) Subscribe(stream api.ConfigService_SubscribeServer) error
 			select {
 			case <-changed:
 				continue
+			case r := <-msgs:
+				if r.err != nil {
+					return r.err
+				}
+				return status.Error(codes.InvalidArgument, "controller: an answer with no push in flight")
 			case <-ctx.Done():
 				return ctx.Err()
 			case <-s.closed:
@@ -384,7 +481,12 @@ func (s *ConfigServer) Subscribe(stream api.ConfigService_SubscribeServer) error
 			return err
 		}
 		sent = p.Version
-		m, err := stream.Recv()
+		m, err := recv()
+		if err == errNoAnswer {
+			log.Warn("config: agent did not answer a push in time; ending its stream (it resumes from its version when it reconnects)",
+				"version", p.Version, "timeout", timeout, "peer", peerAddr(stream))
+			return status.Errorf(codes.DeadlineExceeded, "controller: node %q did not answer push %d within %v; reconnect and resume from your version", node, p.Version, timeout)
+		}
 		if err != nil {
 			return err
 		}

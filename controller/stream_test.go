@@ -51,9 +51,47 @@ type streamServer struct {
 	cfg  *ConfigServer
 	addr string
 	logs *syncBuffer
+	lis  *trackingListener
 }
 
-func startStreamServer(t *testing.T, cfg *ConfigServer) *streamServer {
+// trackingListener counts the connections the server accepted and those it closed.
+type trackingListener struct {
+	net.Listener
+	mu               sync.Mutex
+	accepted, closed int
+}
+
+func (l *trackingListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	l.mu.Lock()
+	l.accepted++
+	l.mu.Unlock()
+	return &trackedConn{Conn: c, l: l}, nil
+}
+
+// counts returns how many connections were accepted and how many of them closed.
+func (l *trackingListener) counts() (accepted, closed int) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.accepted, l.closed
+}
+
+type trackedConn struct {
+	net.Conn
+	l    *trackingListener
+	once sync.Once
+}
+
+func (c *trackedConn) Close() error {
+	c.once.Do(func() { c.l.mu.Lock(); c.l.closed++; c.l.mu.Unlock() })
+	return c.Conn.Close()
+}
+
+// startStreamServer serves cfg; opts adjust the gRPC server (its keepalive settings).
+func startStreamServer(t *testing.T, cfg *ConfigServer, opts ...func(*CAServer)) *streamServer {
 	t.Helper()
 	ca, err := identity.NewSelfSignedCA(identity.CAOptions{})
 	if err != nil {
@@ -71,11 +109,15 @@ func startStreamServer(t *testing.T, cfg *ConfigServer) *streamServer {
 		t.Fatal(err)
 	}
 	s.addr = lis.Addr().String()
+	s.lis = &trackingListener{Listener: lis}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	srv := &CAServer{CA: ca, Auth: auth, Workloads: &LivePlacement{}, ServerNames: []string{"veil-controller"},
 		Services: []interface{ Register(*grpc.Server) }{cfg}, Log: log}
-	go func() { done <- srv.Serve(ctx, lis) }()
+	for _, o := range opts {
+		o(srv)
+	}
+	go func() { done <- srv.Serve(ctx, s.lis) }()
 	t.Cleanup(func() {
 		cfg.Close()
 		cancel()
@@ -90,6 +132,7 @@ func startStreamServer(t *testing.T, cfg *ConfigServer) *streamServer {
 type subscriber struct {
 	t      *testing.T
 	stream api.ConfigService_SubscribeClient
+	cancel context.CancelFunc // ends the stream
 }
 
 func (s *streamServer) subscribe(t *testing.T, token string, sub *api.Subscribe) (*subscriber, error) {
@@ -110,7 +153,7 @@ func (s *streamServer) subscribe(t *testing.T, token string, sub *api.Subscribe)
 	if err := stream.Send(&api.AgentMessage{Message: &api.AgentMessage_Subscribe{Subscribe: sub}}); err != nil && !errors.Is(err, io.EOF) {
 		return nil, err
 	}
-	return &subscriber{t: t, stream: stream}, nil
+	return &subscriber{t: t, stream: stream, cancel: cancel}, nil
 }
 
 func (s *subscriber) recv() *api.Push {

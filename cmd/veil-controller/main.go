@@ -55,6 +55,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		pods        = fs.String("pods", "", "old name of --config-dir")
 		rootNS      = fs.String("root-namespace", policy.DefaultRootNamespace, "meshConfig.rootNamespace: policies there apply mesh-wide")
 		poll        = fs.Duration("poll-interval", 200*time.Millisecond, "how often --config-dir is checked for changes")
+		ackTimeout  = fs.Duration("ack-timeout", controller.DefaultAckTimeout, "how long an agent has to answer a push (and to subscribe once connected); a stream not answered in time is ended, and the agent reconnects and resumes")
+		maxStreams  = fs.Int("max-streams-per-node", controller.DefaultMaxStreamsPerNode, "most config streams one node may hold open at once (at least 2: a restarting agent's old and new process overlap)")
 		logLevel    = fs.String("log-level", "info", "debug, info, warn or error")
 		serverNames listFlag
 	)
@@ -76,6 +78,12 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	if *poll <= 0 {
 		return fmt.Errorf("--poll-interval %v: must be positive", *poll)
+	}
+	if *ackTimeout <= 0 {
+		return fmt.Errorf("--ack-timeout %v: must be positive", *ackTimeout)
+	}
+	if *maxStreams < 2 {
+		return fmt.Errorf("--max-streams-per-node %d: must be at least 2, for an agent restarting while its old process is still connected", *maxStreams)
 	}
 	if len(serverNames) == 0 {
 		serverNames = listFlag{"veil-controller", "localhost"}
@@ -120,7 +128,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 				log.Warn("ca: pods left out of the placement", "err", err)
 			}
 		},
-		Log: log,
+		MaxStreamsPerNode: *maxStreams,
+		AckTimeout:        *ackTimeout,
+		Log:               log,
 	}
 	// Serve a clean first load at once: neither a CA request nor a subscription meets an
 	// empty config. One with errors is not served at all (the source's Run logs them and

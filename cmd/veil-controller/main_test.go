@@ -94,6 +94,8 @@ func TestControllerRejectsBadFlags(t *testing.T) {
 		{"--node-tokens", "x", "--pods", "y", "extra"},
 		{"--node-tokens", "x", "--pods", "y", "--config-dir", "z"},
 		{"--node-tokens", "x", "--config-dir", "y", "--poll-interval", "0s"},
+		{"--node-tokens", "x", "--config-dir", "y", "--ack-timeout", "0s"},
+		{"--node-tokens", "x", "--config-dir", "y", "--max-streams-per-node", "1"},
 	} {
 		if err := run(context.Background(), args, io.Discard, io.Discard); err == nil {
 			t.Errorf("run(%q) succeeded", args)

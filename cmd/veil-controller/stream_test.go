@@ -10,6 +10,8 @@ import (
 
 	"github.com/veilmesh/veil/api"
 	"github.com/veilmesh/veil/identity"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 )
 
 // TestControllerServesConfigStreamFromConfigDir runs the binary's run on a config
@@ -115,5 +117,62 @@ func TestControllerServesConfigStreamFromConfigDir(t *testing.T) {
 	// (the first, or the only one if both writes landed in one poll) comes after it.
 	if err := issue(); err != nil {
 		t.Fatalf("after reviews moved to node-2, node-2 asking for its identity: %v", err)
+	}
+}
+
+// TestControllerStreamLimitFlags: --max-streams-per-node caps one node's streams, and
+// --ack-timeout ends a stream whose push goes unanswered.
+func TestControllerStreamLimitFlags(t *testing.T) {
+	dir := t.TempDir()
+	caDir := filepath.Join(dir, "ca")
+	tokens := filepath.Join(dir, "tokens.yaml")
+	if err := os.WriteFile(tokens, []byte("node-1: node-1-token-0123456789\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	addr, stop := start(t, "--ca-dir", caDir, "--node-tokens", tokens, "--config-dir", "testdata/pods", "--listen", "127.0.0.1:0",
+		"--max-streams-per-node", "2", "--ack-timeout", "300ms")
+	defer stop()
+	roots, err := os.ReadFile(filepath.Join(caDir, identity.RootCertFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rootCerts, err := identity.ParseCertificates(roots)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	// subscribe opens a stream as node-1 and returns its first push, or the refusal.
+	subscribe := func() (api.ConfigService_SubscribeClient, error) {
+		conn, err := identity.DialCA(addr, "veil-controller", rootCerts, "node-1-token-0123456789")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { conn.Close() })
+		stream, err := api.NewConfigServiceClient(conn).Subscribe(ctx)
+		if err != nil {
+			return nil, err
+		}
+		stream.Send(&api.AgentMessage{Message: &api.AgentMessage_Subscribe{Subscribe: &api.Subscribe{Node: "node-1"}}})
+		_, err = stream.Recv()
+		return stream, err
+	}
+	var streams []api.ConfigService_SubscribeClient
+	for i := 0; i < 2; i++ {
+		s, err := subscribe()
+		if err != nil {
+			t.Fatalf("stream %d: %v", i+1, err)
+		}
+		streams = append(streams, s)
+	}
+	if _, err := subscribe(); status.Code(err) != codes.ResourceExhausted {
+		t.Fatalf("stream 3: %v, want ResourceExhausted", err)
+	}
+	// Neither stream answered its push.
+	for i, s := range streams {
+		start := time.Now()
+		if _, err := s.Recv(); status.Code(err) != codes.DeadlineExceeded || time.Since(start) > 3*time.Second {
+			t.Fatalf("stream %d, push unanswered: after %v: %v, want the controller's DeadlineExceeded", i+1, time.Since(start), err)
+		}
 	}
 }
