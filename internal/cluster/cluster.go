@@ -63,11 +63,75 @@ type ServicePort struct {
 	TargetName string // the named target port, if any
 }
 
+// EndpointSlice is a discovery.k8s.io/v1 EndpointSlice: the endpoints of a Service
+// without a selector (default/kubernetes, endpoints managed by hand or by another
+// controller) come from these.
+type EndpointSlice struct {
+	Namespace string
+	Name      string
+	Service   string // the kubernetes.io/service-name label
+	Ports     []EndpointPort
+	Endpoints []Endpoint
+	Source    string
+}
+
+// EndpointPort is a port of an EndpointSlice: Name matches the Service port's name.
+type EndpointPort struct {
+	Name     string
+	Protocol string // TCP, UDP or SCTP
+	Port     uint16
+}
+
+// Endpoint is one endpoint of a slice: Ready is its ready condition (absent means ready).
+type Endpoint struct {
+	Addresses []netip.Addr
+	Ready     bool
+}
+
 // State is a consistent view of the cluster's objects.
 type State struct {
-	Namespaces map[string]*Namespace
-	Pods       []*Pod
-	Services   []*Service
+	Namespaces     map[string]*Namespace
+	Pods           []*Pod
+	Services       []*Service
+	EndpointSlices []*EndpointSlice
+}
+
+// SliceEndpoint is a ready endpoint of a Service from its EndpointSlices: an address and
+// the port the Service port of that name reaches there.
+type SliceEndpoint struct {
+	Addr  netip.Addr
+	Ports map[string]uint16 // by Service port name ("" for an unnamed port); TCP only
+}
+
+// SliceEndpoints returns the ready endpoints the EndpointSlices of svc list, in a stable
+// order, each address once.
+func (s *State) SliceEndpoints(svc *Service) []SliceEndpoint {
+	var out []SliceEndpoint
+	seen := map[netip.Addr]bool{}
+	for _, sl := range s.EndpointSlices {
+		if sl.Namespace != svc.Namespace || sl.Service != svc.Name {
+			continue
+		}
+		ports := map[string]uint16{}
+		for _, p := range sl.Ports {
+			if p.Protocol == "TCP" {
+				ports[p.Name] = p.Port
+			}
+		}
+		for _, e := range sl.Endpoints {
+			if !e.Ready {
+				continue
+			}
+			for _, a := range e.Addresses {
+				if !seen[a] {
+					seen[a] = true
+					out = append(out, SliceEndpoint{Addr: a, Ports: ports})
+				}
+			}
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Addr.Less(out[j].Addr) })
+	return out
 }
 
 // Enrolled reports whether p is in the mesh as istio-cni decides: the pod is labelled

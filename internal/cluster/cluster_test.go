@@ -148,3 +148,19 @@ func TestLoadKubectlOutput(t *testing.T) {
 		t.Fatalf("deprecated spec.serviceAccount not honoured: %+v", p)
 	}
 }
+
+// A Service without a selector takes its endpoints from its EndpointSlices: ready ones
+// only (no condition means ready), ports by name.
+func TestSliceEndpoints(t *testing.T) {
+	st, errs := load(t, "testdata/slices")
+	if len(errs) != 1 || !strings.Contains(errs[0].Error(), `endpointslice default/bad: endpoints[0].addresses[0]: "api-server" is not an IP address`) {
+		t.Fatalf("errors %v", errs)
+	}
+	if len(st.Services) != 1 {
+		t.Fatalf("services %v", st.Services)
+	}
+	eps := st.SliceEndpoints(st.Services[0])
+	if len(eps) != 2 || eps[0].Addr != netip.MustParseAddr("10.99.0.250") || eps[1].Addr != netip.MustParseAddr("10.99.0.252") || eps[0].Ports["https"] != 6443 {
+		t.Fatalf("endpoints %+v", eps)
+	}
+}

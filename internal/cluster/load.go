@@ -140,6 +140,12 @@ func (st *State) addDocument(src string, raw json.RawMessage) []error {
 	if err := json.Unmarshal(raw, &h); err != nil {
 		return []error{fmt.Errorf("%s: %w", src, err)}
 	}
+	if h.APIVersion == "discovery.k8s.io/v1" && h.Kind == "EndpointSlice" {
+		if err := st.addEndpointSlice(src, raw); err != nil {
+			return []error{err}
+		}
+		return nil
+	}
 	if h.APIVersion != "v1" {
 		return nil
 	}
@@ -315,4 +321,82 @@ func containsAddr(list []netip.Addr, a netip.Addr) bool {
 		}
 	}
 	return false
+}
+
+// endpointSlice is the part of a discovery.k8s.io/v1 EndpointSlice that veil reads.
+type endpointSlice struct {
+	Metadata struct {
+		Name      string            `json:"name"`
+		Namespace string            `json:"namespace"`
+		Labels    map[string]string `json:"labels"`
+	} `json:"metadata"`
+	AddressType string `json:"addressType"`
+	Endpoints   []struct {
+		Addresses  []string `json:"addresses"`
+		Conditions struct {
+			Ready *bool `json:"ready"`
+		} `json:"conditions"`
+	} `json:"endpoints"`
+	Ports []struct {
+		Name     *string `json:"name"`
+		Protocol *string `json:"protocol"`
+		Port     *int    `json:"port"`
+	} `json:"ports"`
+}
+
+// ServiceNameLabel names the Service an EndpointSlice belongs to.
+const ServiceNameLabel = "kubernetes.io/service-name"
+
+func (st *State) addEndpointSlice(src string, raw json.RawMessage) error {
+	var o endpointSlice
+	if err := json.Unmarshal(raw, &o); err != nil {
+		return fmt.Errorf("%s: EndpointSlice: %w", src, err)
+	}
+	ns := o.Metadata.Namespace
+	if ns == "" {
+		ns = "default"
+	}
+	what := fmt.Sprintf("%s: endpointslice %s/%s", src, ns, o.Metadata.Name)
+	if o.Metadata.Name == "" {
+		return fmt.Errorf("%s: EndpointSlice: metadata.name: required", src)
+	}
+	svc := o.Metadata.Labels[ServiceNameLabel]
+	if svc == "" {
+		return nil // not a Service's slice: nothing for veil
+	}
+	if o.AddressType == "FQDN" {
+		return nil // names, not addresses: veil balances over addresses only
+	}
+	sl := &EndpointSlice{Namespace: ns, Name: o.Metadata.Name, Service: svc, Source: src}
+	for i, p := range o.Ports {
+		ep := EndpointPort{Protocol: "TCP"}
+		if p.Name != nil {
+			ep.Name = *p.Name
+		}
+		if p.Protocol != nil {
+			ep.Protocol = *p.Protocol
+		}
+		if p.Port == nil {
+			continue // all ports: not usable for a Service port mapping
+		}
+		if *p.Port < 1 || *p.Port > 65535 {
+			return fmt.Errorf("%s: ports[%d].port: %d", what, i, *p.Port)
+		}
+		ep.Port = uint16(*p.Port)
+		sl.Ports = append(sl.Ports, ep)
+	}
+	for i, e := range o.Endpoints {
+		ready := e.Conditions.Ready == nil || *e.Conditions.Ready
+		end := Endpoint{Ready: ready}
+		for j, a := range e.Addresses {
+			ip, err := netip.ParseAddr(a)
+			if err != nil {
+				return fmt.Errorf("%s: endpoints[%d].addresses[%d]: %q is not an IP address", what, i, j, a)
+			}
+			end.Addresses = append(end.Addresses, ip.Unmap())
+		}
+		sl.Endpoints = append(sl.Endpoints, end)
+	}
+	st.EndpointSlices = append(st.EndpointSlices, sl)
+	return nil
 }
