@@ -479,3 +479,75 @@ func TestPlaintextFromAnEnrolledPodIsRefused(t *testing.T) {
 		t.Fatal("the refusal was not logged")
 	}
 }
+
+// A Service without a selector (default/kubernetes, endpoints managed by hand) takes its
+// endpoints from EndpointSlices: an endpoint outside the mesh is dialled directly, one in
+// the mesh over HBONE; with no ready endpoint the Service is refused.
+func TestServiceWithoutSelectorUsesEndpointSlices(t *testing.T) {
+	m := newTestMesh(t)
+	st, errs := cluster.Parse("slices.yaml", []byte(clusterYAML+`
+---
+apiVersion: v1
+kind: Service
+metadata: {name: legacy-api, namespace: bookinfo}
+spec:
+  clusterIP: 10.96.0.20
+  ports: [{name: http, port: 80, targetPort: 9080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: legacy-api-1, namespace: bookinfo, labels: {kubernetes.io/service-name: legacy-api}}
+addressType: IPv4
+endpoints: [{addresses: [10.77.1.20]}]
+ports: [{name: http, port: 9080, protocol: TCP}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews-by-hand, namespace: bookinfo}
+spec:
+  clusterIP: 10.96.0.21
+  ports: [{name: http, port: 80}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: reviews-by-hand-1, namespace: bookinfo, labels: {kubernetes.io/service-name: reviews-by-hand}}
+addressType: IPv4
+endpoints: [{addresses: [10.77.2.10]}, {addresses: [10.77.2.11], conditions: {ready: false}}]
+ports: [{name: http, port: 9080, protocol: TCP}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: nothing-ready, namespace: bookinfo}
+spec:
+  clusterIP: 10.96.0.22
+  ports: [{name: http, port: 80}]
+`))
+	if len(errs) > 0 {
+		t.Fatal(errs)
+	}
+	for _, a := range m.agents {
+		a.Update(st)
+	}
+	for _, tc := range []struct {
+		name, vip, want string
+	}{
+		{"endpoint outside the mesh: direct", "10.96.0.20:80", "sleep sees 10.77.1.10"},
+		{"endpoint in the mesh: HBONE", "10.96.0.21:80", "reviews sees 10.77.1.10"},
+		{"the same again (the unready endpoint is skipped)", "10.96.0.21:80", "reviews sees 10.77.1.10"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if got, err := m.whoami(t, "frontend", netip.MustParseAddrPort(tc.vip), "node-1", false); err != nil || got != tc.want {
+				t.Fatalf("frontend -> %s: %q, %v; want %q", tc.vip, got, err, tc.want)
+			}
+		})
+	}
+	if got, err := m.whoami(t, "frontend", netip.MustParseAddrPort("10.96.0.22:80"), "node-1", false); !isReset(err) {
+		t.Fatalf("a Service with no ready endpoint: %q, %v; want a reset", got, err)
+	}
+	mtls := testutil.ToFloat64(m.agents["node-2"].metrics.opened.WithLabelValues(
+		"destination", "frontend", "bookinfo", "spiffe://cluster.local/ns/bookinfo/sa/frontend", "frontend",
+		"reviews", "bookinfo", "spiffe://cluster.local/ns/bookinfo/sa/reviews", "reviews", "mutual_tls", "tcp"))
+	if mtls != 2 {
+		t.Fatalf("node-2 saw %v mTLS connections from frontend, want 2", mtls)
+	}
+}

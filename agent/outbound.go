@@ -59,10 +59,20 @@ func (s *service) pick(vip netip.AddrPort) (netip.AddrPort, bool) {
 			break
 		}
 	}
-	if sp == nil || len(s.endpoints) == 0 {
+	if sp == nil {
 		return netip.AddrPort{}, false
 	}
 	start := int(s.next.Add(1))
+	for i := range len(s.slices) {
+		ep := s.slices[(start+i)%len(s.slices)]
+		port, ok := ep.Ports[s.svc.Ports[*sp].Name]
+		if ok && ep.Addr.Is4() == vip.Addr().Is4() {
+			return netip.AddrPortFrom(ep.Addr, port), true
+		}
+	}
+	if len(s.endpoints) == 0 {
+		return netip.AddrPort{}, false
+	}
 	for i := range len(s.endpoints) {
 		w := s.endpoints[(start+i)%len(s.endpoints)]
 		port, ok := s.svc.Ports[*sp].TargetPortOn(w.pod)

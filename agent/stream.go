@@ -365,8 +365,14 @@ func (h *heldConfig) state() *cluster.State {
 			st.Pods = append(st.Pods, e.dec.Pod)
 		case e.dec.Service != nil:
 			st.Services = append(st.Services, e.dec.Service)
+		case e.dec.Slice != nil:
+			st.EndpointSlices = append(st.EndpointSlices, e.dec.Slice)
 		}
 	}
+	sort.Slice(st.EndpointSlices, func(i, j int) bool {
+		a, b := st.EndpointSlices[i], st.EndpointSlices[j]
+		return a.Namespace < b.Namespace || a.Namespace == b.Namespace && a.Name < b.Name
+	})
 	sort.Slice(st.Pods, func(i, j int) bool {
 		a, b := st.Pods[i], st.Pods[j]
 		return a.Namespace < b.Namespace || a.Namespace == b.Namespace && a.Name < b.Name

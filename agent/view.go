@@ -20,10 +20,12 @@ type workload struct {
 
 func (w *workload) String() string { return w.pod.Namespace + "/" + w.pod.Name }
 
-// service is a Service VIP with its endpoints.
+// service is a Service VIP with its endpoints: the pods its selector picks, or, for a
+// Service without a selector, the addresses its EndpointSlices list (pods or not).
 type service struct {
 	svc       *cluster.Service
 	endpoints []*workload
+	slices    []cluster.SliceEndpoint
 	next      atomic.Uint32 // round robin over endpoints
 }
 
@@ -87,6 +89,9 @@ func newView(st *cluster.State, node string, td spiffeid.TrustDomain) *view {
 			if w := v.byIP[p.IPs[0]]; w != nil {
 				sv.endpoints = append(sv.endpoints, w)
 			}
+		}
+		if len(s.Selector) == 0 {
+			sv.slices = st.SliceEndpoints(s)
 		}
 		for _, ip := range s.ClusterIPs {
 			v.vips[ip] = sv

@@ -43,6 +43,7 @@ const (
 	Kind_KIND_PEER_AUTHENTICATION    Kind = 4
 	Kind_KIND_AUTHORIZATION_POLICY   Kind = 5
 	Kind_KIND_REQUEST_AUTHENTICATION Kind = 6
+	Kind_KIND_ENDPOINT_SLICE         Kind = 7
 )
 
 // Enum value maps for Kind.
@@ -55,6 +56,7 @@ var (
 		4: "KIND_PEER_AUTHENTICATION",
 		5: "KIND_AUTHORIZATION_POLICY",
 		6: "KIND_REQUEST_AUTHENTICATION",
+		7: "KIND_ENDPOINT_SLICE",
 	}
 	Kind_value = map[string]int32{
 		"KIND_UNSPECIFIED":            0,
@@ -64,6 +66,7 @@ var (
 		"KIND_PEER_AUTHENTICATION":    4,
 		"KIND_AUTHORIZATION_POLICY":   5,
 		"KIND_REQUEST_AUTHENTICATION": 6,
+		"KIND_ENDPOINT_SLICE":         7,
 	}
 )
 
@@ -516,6 +519,7 @@ type Resource struct {
 	//	*Resource_Workload
 	//	*Resource_Service
 	//	*Resource_Policy
+	//	*Resource_EndpointSlice
 	Resource      isResource_Resource `protobuf_oneof:"resource"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -594,6 +598,15 @@ func (x *Resource) GetPolicy() *Policy {
 	return nil
 }
 
+func (x *Resource) GetEndpointSlice() *EndpointSlice {
+	if x != nil {
+		if x, ok := x.Resource.(*Resource_EndpointSlice); ok {
+			return x.EndpointSlice
+		}
+	}
+	return nil
+}
+
 type isResource_Resource interface {
 	isResource_Resource()
 }
@@ -614,6 +627,10 @@ type Resource_Policy struct {
 	Policy *Policy `protobuf:"bytes,4,opt,name=policy,proto3,oneof"`
 }
 
+type Resource_EndpointSlice struct {
+	EndpointSlice *EndpointSlice `protobuf:"bytes,5,opt,name=endpoint_slice,json=endpointSlice,proto3,oneof"`
+}
+
 func (*Resource_Namespace) isResource_Resource() {}
 
 func (*Resource_Workload) isResource_Resource() {}
@@ -621,6 +638,210 @@ func (*Resource_Workload) isResource_Resource() {}
 func (*Resource_Service) isResource_Resource() {}
 
 func (*Resource_Policy) isResource_Resource() {}
+
+func (*Resource_EndpointSlice) isResource_Resource() {}
+
+// EndpointSlice is a discovery.k8s.io/v1 EndpointSlice of a Service (the endpoints of a
+// Service without a selector).
+type EndpointSlice struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Namespace string                 `protobuf:"bytes,1,opt,name=namespace,proto3" json:"namespace,omitempty"`
+	Name      string                 `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	// service is the kubernetes.io/service-name label.
+	Service       string          `protobuf:"bytes,3,opt,name=service,proto3" json:"service,omitempty"`
+	Ports         []*EndpointPort `protobuf:"bytes,4,rep,name=ports,proto3" json:"ports,omitempty"`
+	Endpoints     []*Endpoint     `protobuf:"bytes,5,rep,name=endpoints,proto3" json:"endpoints,omitempty"`
+	Source        string          `protobuf:"bytes,6,opt,name=source,proto3" json:"source,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *EndpointSlice) Reset() {
+	*x = EndpointSlice{}
+	mi := &file_config_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *EndpointSlice) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*EndpointSlice) ProtoMessage() {}
+
+func (x *EndpointSlice) ProtoReflect() protoreflect.Message {
+	mi := &file_config_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use EndpointSlice.ProtoReflect.Descriptor instead.
+func (*EndpointSlice) Descriptor() ([]byte, []int) {
+	return file_config_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *EndpointSlice) GetNamespace() string {
+	if x != nil {
+		return x.Namespace
+	}
+	return ""
+}
+
+func (x *EndpointSlice) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *EndpointSlice) GetService() string {
+	if x != nil {
+		return x.Service
+	}
+	return ""
+}
+
+func (x *EndpointSlice) GetPorts() []*EndpointPort {
+	if x != nil {
+		return x.Ports
+	}
+	return nil
+}
+
+func (x *EndpointSlice) GetEndpoints() []*Endpoint {
+	if x != nil {
+		return x.Endpoints
+	}
+	return nil
+}
+
+func (x *EndpointSlice) GetSource() string {
+	if x != nil {
+		return x.Source
+	}
+	return ""
+}
+
+type EndpointPort struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// name matches the Service port's name.
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// protocol is TCP, UDP or SCTP.
+	Protocol      string `protobuf:"bytes,2,opt,name=protocol,proto3" json:"protocol,omitempty"`
+	Port          uint32 `protobuf:"varint,3,opt,name=port,proto3" json:"port,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *EndpointPort) Reset() {
+	*x = EndpointPort{}
+	mi := &file_config_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *EndpointPort) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*EndpointPort) ProtoMessage() {}
+
+func (x *EndpointPort) ProtoReflect() protoreflect.Message {
+	mi := &file_config_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use EndpointPort.ProtoReflect.Descriptor instead.
+func (*EndpointPort) Descriptor() ([]byte, []int) {
+	return file_config_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *EndpointPort) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *EndpointPort) GetProtocol() string {
+	if x != nil {
+		return x.Protocol
+	}
+	return ""
+}
+
+func (x *EndpointPort) GetPort() uint32 {
+	if x != nil {
+		return x.Port
+	}
+	return 0
+}
+
+type Endpoint struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// addresses are 4 or 16 bytes each.
+	Addresses     [][]byte `protobuf:"bytes,1,rep,name=addresses,proto3" json:"addresses,omitempty"`
+	Ready         bool     `protobuf:"varint,2,opt,name=ready,proto3" json:"ready,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Endpoint) Reset() {
+	*x = Endpoint{}
+	mi := &file_config_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Endpoint) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Endpoint) ProtoMessage() {}
+
+func (x *Endpoint) ProtoReflect() protoreflect.Message {
+	mi := &file_config_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Endpoint.ProtoReflect.Descriptor instead.
+func (*Endpoint) Descriptor() ([]byte, []int) {
+	return file_config_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *Endpoint) GetAddresses() [][]byte {
+	if x != nil {
+		return x.Addresses
+	}
+	return nil
+}
+
+func (x *Endpoint) GetReady() bool {
+	if x != nil {
+		return x.Ready
+	}
+	return false
+}
 
 // Namespace is a core/v1 Namespace.
 type Namespace struct {
@@ -633,7 +854,7 @@ type Namespace struct {
 
 func (x *Namespace) Reset() {
 	*x = Namespace{}
-	mi := &file_config_proto_msgTypes[7]
+	mi := &file_config_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -645,7 +866,7 @@ func (x *Namespace) String() string {
 func (*Namespace) ProtoMessage() {}
 
 func (x *Namespace) ProtoReflect() protoreflect.Message {
-	mi := &file_config_proto_msgTypes[7]
+	mi := &file_config_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -658,7 +879,7 @@ func (x *Namespace) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Namespace.ProtoReflect.Descriptor instead.
 func (*Namespace) Descriptor() ([]byte, []int) {
-	return file_config_proto_rawDescGZIP(), []int{7}
+	return file_config_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *Namespace) GetName() string {
@@ -707,7 +928,7 @@ type Workload struct {
 
 func (x *Workload) Reset() {
 	*x = Workload{}
-	mi := &file_config_proto_msgTypes[8]
+	mi := &file_config_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -719,7 +940,7 @@ func (x *Workload) String() string {
 func (*Workload) ProtoMessage() {}
 
 func (x *Workload) ProtoReflect() protoreflect.Message {
-	mi := &file_config_proto_msgTypes[8]
+	mi := &file_config_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -732,7 +953,7 @@ func (x *Workload) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Workload.ProtoReflect.Descriptor instead.
 func (*Workload) Descriptor() ([]byte, []int) {
-	return file_config_proto_rawDescGZIP(), []int{8}
+	return file_config_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *Workload) GetNamespace() string {
@@ -850,7 +1071,7 @@ type Service struct {
 
 func (x *Service) Reset() {
 	*x = Service{}
-	mi := &file_config_proto_msgTypes[9]
+	mi := &file_config_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -862,7 +1083,7 @@ func (x *Service) String() string {
 func (*Service) ProtoMessage() {}
 
 func (x *Service) ProtoReflect() protoreflect.Message {
-	mi := &file_config_proto_msgTypes[9]
+	mi := &file_config_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -875,7 +1096,7 @@ func (x *Service) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Service.ProtoReflect.Descriptor instead.
 func (*Service) Descriptor() ([]byte, []int) {
-	return file_config_proto_rawDescGZIP(), []int{9}
+	return file_config_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *Service) GetNamespace() string {
@@ -942,7 +1163,7 @@ type ServicePort struct {
 
 func (x *ServicePort) Reset() {
 	*x = ServicePort{}
-	mi := &file_config_proto_msgTypes[10]
+	mi := &file_config_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -954,7 +1175,7 @@ func (x *ServicePort) String() string {
 func (*ServicePort) ProtoMessage() {}
 
 func (x *ServicePort) ProtoReflect() protoreflect.Message {
-	mi := &file_config_proto_msgTypes[10]
+	mi := &file_config_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -967,7 +1188,7 @@ func (x *ServicePort) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ServicePort.ProtoReflect.Descriptor instead.
 func (*ServicePort) Descriptor() ([]byte, []int) {
-	return file_config_proto_rawDescGZIP(), []int{10}
+	return file_config_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *ServicePort) GetName() string {
@@ -1021,7 +1242,7 @@ type ObjectMeta struct {
 
 func (x *ObjectMeta) Reset() {
 	*x = ObjectMeta{}
-	mi := &file_config_proto_msgTypes[11]
+	mi := &file_config_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1033,7 +1254,7 @@ func (x *ObjectMeta) String() string {
 func (*ObjectMeta) ProtoMessage() {}
 
 func (x *ObjectMeta) ProtoReflect() protoreflect.Message {
-	mi := &file_config_proto_msgTypes[11]
+	mi := &file_config_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1046,7 +1267,7 @@ func (x *ObjectMeta) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ObjectMeta.ProtoReflect.Descriptor instead.
 func (*ObjectMeta) Descriptor() ([]byte, []int) {
-	return file_config_proto_rawDescGZIP(), []int{11}
+	return file_config_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *ObjectMeta) GetNamespace() string {
@@ -1109,7 +1330,7 @@ type Policy struct {
 
 func (x *Policy) Reset() {
 	*x = Policy{}
-	mi := &file_config_proto_msgTypes[12]
+	mi := &file_config_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1121,7 +1342,7 @@ func (x *Policy) String() string {
 func (*Policy) ProtoMessage() {}
 
 func (x *Policy) ProtoReflect() protoreflect.Message {
-	mi := &file_config_proto_msgTypes[12]
+	mi := &file_config_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1134,7 +1355,7 @@ func (x *Policy) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Policy.ProtoReflect.Descriptor instead.
 func (*Policy) Descriptor() ([]byte, []int) {
-	return file_config_proto_rawDescGZIP(), []int{12}
+	return file_config_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Policy) GetMetadata() *ObjectMeta {
@@ -1236,14 +1457,29 @@ const file_config_proto_rawDesc = "" +
 	"\vResourceKey\x12(\n" +
 	"\x04kind\x18\x01 \x01(\x0e2\x14.veil.config.v1.KindR\x04kind\x12\x1c\n" +
 	"\tnamespace\x18\x02 \x01(\tR\tnamespace\x12\x12\n" +
-	"\x04name\x18\x03 \x01(\tR\x04name\"\xf0\x01\n" +
+	"\x04name\x18\x03 \x01(\tR\x04name\"\xb8\x02\n" +
 	"\bResource\x129\n" +
 	"\tnamespace\x18\x01 \x01(\v2\x19.veil.config.v1.NamespaceH\x00R\tnamespace\x126\n" +
 	"\bworkload\x18\x02 \x01(\v2\x18.veil.config.v1.WorkloadH\x00R\bworkload\x123\n" +
 	"\aservice\x18\x03 \x01(\v2\x17.veil.config.v1.ServiceH\x00R\aservice\x120\n" +
-	"\x06policy\x18\x04 \x01(\v2\x16.veil.config.v1.PolicyH\x00R\x06policyB\n" +
+	"\x06policy\x18\x04 \x01(\v2\x16.veil.config.v1.PolicyH\x00R\x06policy\x12F\n" +
+	"\x0eendpoint_slice\x18\x05 \x01(\v2\x1d.veil.config.v1.EndpointSliceH\x00R\rendpointSliceB\n" +
 	"\n" +
-	"\bresource\"\x99\x01\n" +
+	"\bresource\"\xdf\x01\n" +
+	"\rEndpointSlice\x12\x1c\n" +
+	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\x12\x18\n" +
+	"\aservice\x18\x03 \x01(\tR\aservice\x122\n" +
+	"\x05ports\x18\x04 \x03(\v2\x1c.veil.config.v1.EndpointPortR\x05ports\x126\n" +
+	"\tendpoints\x18\x05 \x03(\v2\x18.veil.config.v1.EndpointR\tendpoints\x12\x16\n" +
+	"\x06source\x18\x06 \x01(\tR\x06source\"R\n" +
+	"\fEndpointPort\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1a\n" +
+	"\bprotocol\x18\x02 \x01(\tR\bprotocol\x12\x12\n" +
+	"\x04port\x18\x03 \x01(\rR\x04port\">\n" +
+	"\bEndpoint\x12\x1c\n" +
+	"\taddresses\x18\x01 \x03(\fR\taddresses\x12\x14\n" +
+	"\x05ready\x18\x02 \x01(\bR\x05ready\"\x99\x01\n" +
 	"\tNamespace\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12=\n" +
 	"\x06labels\x18\x02 \x03(\v2%.veil.config.v1.Namespace.LabelsEntryR\x06labels\x1a9\n" +
@@ -1320,7 +1556,7 @@ const file_config_proto_rawDesc = "" +
 	"\x13peer_authentication\x18\x03 \x01(\v2*.istio.security.v1beta1.PeerAuthenticationH\x00R\x12peerAuthentication\x12`\n" +
 	"\x14authorization_policy\x18\x04 \x01(\v2+.istio.security.v1beta1.AuthorizationPolicyH\x00R\x13authorizationPolicy\x12f\n" +
 	"\x16request_authentication\x18\x05 \x01(\v2-.istio.security.v1beta1.RequestAuthenticationH\x00R\x15requestAuthenticationB\x06\n" +
-	"\x04spec*\xb3\x01\n" +
+	"\x04spec*\xcc\x01\n" +
 	"\x04Kind\x12\x14\n" +
 	"\x10KIND_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0eKIND_NAMESPACE\x10\x01\x12\x11\n" +
@@ -1328,7 +1564,8 @@ const file_config_proto_rawDesc = "" +
 	"\fKIND_SERVICE\x10\x03\x12\x1c\n" +
 	"\x18KIND_PEER_AUTHENTICATION\x10\x04\x12\x1d\n" +
 	"\x19KIND_AUTHORIZATION_POLICY\x10\x05\x12\x1f\n" +
-	"\x1bKIND_REQUEST_AUTHENTICATION\x10\x062T\n" +
+	"\x1bKIND_REQUEST_AUTHENTICATION\x10\x06\x12\x17\n" +
+	"\x13KIND_ENDPOINT_SLICE\x10\a2T\n" +
 	"\rConfigService\x12C\n" +
 	"\tSubscribe\x12\x1c.veil.config.v1.AgentMessage\x1a\x14.veil.config.v1.Push(\x010\x01B\"Z github.com/veilmesh/veil/api;apib\x06proto3"
 
@@ -1345,7 +1582,7 @@ func file_config_proto_rawDescGZIP() []byte {
 }
 
 var file_config_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_config_proto_msgTypes = make([]protoimpl.MessageInfo, 21)
+var file_config_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
 var file_config_proto_goTypes = []any{
 	(Kind)(0),                             // 0: veil.config.v1.Kind
 	(*AgentMessage)(nil),                  // 1: veil.config.v1.AgentMessage
@@ -1355,24 +1592,27 @@ var file_config_proto_goTypes = []any{
 	(*Push)(nil),                          // 5: veil.config.v1.Push
 	(*ResourceKey)(nil),                   // 6: veil.config.v1.ResourceKey
 	(*Resource)(nil),                      // 7: veil.config.v1.Resource
-	(*Namespace)(nil),                     // 8: veil.config.v1.Namespace
-	(*Workload)(nil),                      // 9: veil.config.v1.Workload
-	(*Service)(nil),                       // 10: veil.config.v1.Service
-	(*ServicePort)(nil),                   // 11: veil.config.v1.ServicePort
-	(*ObjectMeta)(nil),                    // 12: veil.config.v1.ObjectMeta
-	(*Policy)(nil),                        // 13: veil.config.v1.Policy
-	nil,                                   // 14: veil.config.v1.Namespace.LabelsEntry
-	nil,                                   // 15: veil.config.v1.Workload.LabelsEntry
-	nil,                                   // 16: veil.config.v1.Workload.AnnotationsEntry
-	nil,                                   // 17: veil.config.v1.Workload.NamedPortsEntry
-	nil,                                   // 18: veil.config.v1.Service.LabelsEntry
-	nil,                                   // 19: veil.config.v1.Service.SelectorEntry
-	nil,                                   // 20: veil.config.v1.ObjectMeta.LabelsEntry
-	nil,                                   // 21: veil.config.v1.ObjectMeta.AnnotationsEntry
-	(*timestamppb.Timestamp)(nil),         // 22: google.protobuf.Timestamp
-	(*v1beta1.PeerAuthentication)(nil),    // 23: istio.security.v1beta1.PeerAuthentication
-	(*v1beta1.AuthorizationPolicy)(nil),   // 24: istio.security.v1beta1.AuthorizationPolicy
-	(*v1beta1.RequestAuthentication)(nil), // 25: istio.security.v1beta1.RequestAuthentication
+	(*EndpointSlice)(nil),                 // 8: veil.config.v1.EndpointSlice
+	(*EndpointPort)(nil),                  // 9: veil.config.v1.EndpointPort
+	(*Endpoint)(nil),                      // 10: veil.config.v1.Endpoint
+	(*Namespace)(nil),                     // 11: veil.config.v1.Namespace
+	(*Workload)(nil),                      // 12: veil.config.v1.Workload
+	(*Service)(nil),                       // 13: veil.config.v1.Service
+	(*ServicePort)(nil),                   // 14: veil.config.v1.ServicePort
+	(*ObjectMeta)(nil),                    // 15: veil.config.v1.ObjectMeta
+	(*Policy)(nil),                        // 16: veil.config.v1.Policy
+	nil,                                   // 17: veil.config.v1.Namespace.LabelsEntry
+	nil,                                   // 18: veil.config.v1.Workload.LabelsEntry
+	nil,                                   // 19: veil.config.v1.Workload.AnnotationsEntry
+	nil,                                   // 20: veil.config.v1.Workload.NamedPortsEntry
+	nil,                                   // 21: veil.config.v1.Service.LabelsEntry
+	nil,                                   // 22: veil.config.v1.Service.SelectorEntry
+	nil,                                   // 23: veil.config.v1.ObjectMeta.LabelsEntry
+	nil,                                   // 24: veil.config.v1.ObjectMeta.AnnotationsEntry
+	(*timestamppb.Timestamp)(nil),         // 25: google.protobuf.Timestamp
+	(*v1beta1.PeerAuthentication)(nil),    // 26: istio.security.v1beta1.PeerAuthentication
+	(*v1beta1.AuthorizationPolicy)(nil),   // 27: istio.security.v1beta1.AuthorizationPolicy
+	(*v1beta1.RequestAuthentication)(nil), // 28: istio.security.v1beta1.RequestAuthentication
 }
 var file_config_proto_depIdxs = []int32{
 	2,  // 0: veil.config.v1.AgentMessage.subscribe:type_name -> veil.config.v1.Subscribe
@@ -1381,31 +1621,34 @@ var file_config_proto_depIdxs = []int32{
 	7,  // 3: veil.config.v1.Push.resources:type_name -> veil.config.v1.Resource
 	6,  // 4: veil.config.v1.Push.removed:type_name -> veil.config.v1.ResourceKey
 	0,  // 5: veil.config.v1.ResourceKey.kind:type_name -> veil.config.v1.Kind
-	8,  // 6: veil.config.v1.Resource.namespace:type_name -> veil.config.v1.Namespace
-	9,  // 7: veil.config.v1.Resource.workload:type_name -> veil.config.v1.Workload
-	10, // 8: veil.config.v1.Resource.service:type_name -> veil.config.v1.Service
-	13, // 9: veil.config.v1.Resource.policy:type_name -> veil.config.v1.Policy
-	14, // 10: veil.config.v1.Namespace.labels:type_name -> veil.config.v1.Namespace.LabelsEntry
-	15, // 11: veil.config.v1.Workload.labels:type_name -> veil.config.v1.Workload.LabelsEntry
-	16, // 12: veil.config.v1.Workload.annotations:type_name -> veil.config.v1.Workload.AnnotationsEntry
-	17, // 13: veil.config.v1.Workload.named_ports:type_name -> veil.config.v1.Workload.NamedPortsEntry
-	18, // 14: veil.config.v1.Service.labels:type_name -> veil.config.v1.Service.LabelsEntry
-	19, // 15: veil.config.v1.Service.selector:type_name -> veil.config.v1.Service.SelectorEntry
-	11, // 16: veil.config.v1.Service.ports:type_name -> veil.config.v1.ServicePort
-	20, // 17: veil.config.v1.ObjectMeta.labels:type_name -> veil.config.v1.ObjectMeta.LabelsEntry
-	21, // 18: veil.config.v1.ObjectMeta.annotations:type_name -> veil.config.v1.ObjectMeta.AnnotationsEntry
-	22, // 19: veil.config.v1.ObjectMeta.creation_timestamp:type_name -> google.protobuf.Timestamp
-	12, // 20: veil.config.v1.Policy.metadata:type_name -> veil.config.v1.ObjectMeta
-	23, // 21: veil.config.v1.Policy.peer_authentication:type_name -> istio.security.v1beta1.PeerAuthentication
-	24, // 22: veil.config.v1.Policy.authorization_policy:type_name -> istio.security.v1beta1.AuthorizationPolicy
-	25, // 23: veil.config.v1.Policy.request_authentication:type_name -> istio.security.v1beta1.RequestAuthentication
-	1,  // 24: veil.config.v1.ConfigService.Subscribe:input_type -> veil.config.v1.AgentMessage
-	5,  // 25: veil.config.v1.ConfigService.Subscribe:output_type -> veil.config.v1.Push
-	25, // [25:26] is the sub-list for method output_type
-	24, // [24:25] is the sub-list for method input_type
-	24, // [24:24] is the sub-list for extension type_name
-	24, // [24:24] is the sub-list for extension extendee
-	0,  // [0:24] is the sub-list for field type_name
+	11, // 6: veil.config.v1.Resource.namespace:type_name -> veil.config.v1.Namespace
+	12, // 7: veil.config.v1.Resource.workload:type_name -> veil.config.v1.Workload
+	13, // 8: veil.config.v1.Resource.service:type_name -> veil.config.v1.Service
+	16, // 9: veil.config.v1.Resource.policy:type_name -> veil.config.v1.Policy
+	8,  // 10: veil.config.v1.Resource.endpoint_slice:type_name -> veil.config.v1.EndpointSlice
+	9,  // 11: veil.config.v1.EndpointSlice.ports:type_name -> veil.config.v1.EndpointPort
+	10, // 12: veil.config.v1.EndpointSlice.endpoints:type_name -> veil.config.v1.Endpoint
+	17, // 13: veil.config.v1.Namespace.labels:type_name -> veil.config.v1.Namespace.LabelsEntry
+	18, // 14: veil.config.v1.Workload.labels:type_name -> veil.config.v1.Workload.LabelsEntry
+	19, // 15: veil.config.v1.Workload.annotations:type_name -> veil.config.v1.Workload.AnnotationsEntry
+	20, // 16: veil.config.v1.Workload.named_ports:type_name -> veil.config.v1.Workload.NamedPortsEntry
+	21, // 17: veil.config.v1.Service.labels:type_name -> veil.config.v1.Service.LabelsEntry
+	22, // 18: veil.config.v1.Service.selector:type_name -> veil.config.v1.Service.SelectorEntry
+	14, // 19: veil.config.v1.Service.ports:type_name -> veil.config.v1.ServicePort
+	23, // 20: veil.config.v1.ObjectMeta.labels:type_name -> veil.config.v1.ObjectMeta.LabelsEntry
+	24, // 21: veil.config.v1.ObjectMeta.annotations:type_name -> veil.config.v1.ObjectMeta.AnnotationsEntry
+	25, // 22: veil.config.v1.ObjectMeta.creation_timestamp:type_name -> google.protobuf.Timestamp
+	15, // 23: veil.config.v1.Policy.metadata:type_name -> veil.config.v1.ObjectMeta
+	26, // 24: veil.config.v1.Policy.peer_authentication:type_name -> istio.security.v1beta1.PeerAuthentication
+	27, // 25: veil.config.v1.Policy.authorization_policy:type_name -> istio.security.v1beta1.AuthorizationPolicy
+	28, // 26: veil.config.v1.Policy.request_authentication:type_name -> istio.security.v1beta1.RequestAuthentication
+	1,  // 27: veil.config.v1.ConfigService.Subscribe:input_type -> veil.config.v1.AgentMessage
+	5,  // 28: veil.config.v1.ConfigService.Subscribe:output_type -> veil.config.v1.Push
+	28, // [28:29] is the sub-list for method output_type
+	27, // [27:28] is the sub-list for method input_type
+	27, // [27:27] is the sub-list for extension type_name
+	27, // [27:27] is the sub-list for extension extendee
+	0,  // [0:27] is the sub-list for field type_name
 }
 
 func init() { file_config_proto_init() }
@@ -1423,8 +1666,9 @@ func file_config_proto_init() {
 		(*Resource_Workload)(nil),
 		(*Resource_Service)(nil),
 		(*Resource_Policy)(nil),
+		(*Resource_EndpointSlice)(nil),
 	}
-	file_config_proto_msgTypes[12].OneofWrappers = []any{
+	file_config_proto_msgTypes[15].OneofWrappers = []any{
 		(*Policy_PeerAuthentication)(nil),
 		(*Policy_AuthorizationPolicy)(nil),
 		(*Policy_RequestAuthentication)(nil),
@@ -1435,7 +1679,7 @@ func file_config_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_config_proto_rawDesc), len(file_config_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   21,
+			NumMessages:   24,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

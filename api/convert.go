@@ -92,6 +92,8 @@ func (r *Resource) Key() Key {
 		return Key{Kind: Kind_KIND_WORKLOAD, Namespace: v.Workload.GetNamespace(), Name: v.Workload.GetName()}
 	case *Resource_Service:
 		return Key{Kind: Kind_KIND_SERVICE, Namespace: v.Service.GetNamespace(), Name: v.Service.GetName()}
+	case *Resource_EndpointSlice:
+		return Key{Kind: Kind_KIND_ENDPOINT_SLICE, Namespace: v.EndpointSlice.GetNamespace(), Name: v.EndpointSlice.GetName()}
 	case *Resource_Policy:
 		k := Key{Namespace: v.Policy.GetMetadata().GetNamespace(), Name: v.Policy.GetMetadata().GetName()}
 		switch v.Policy.GetSpec().(type) {
@@ -112,6 +114,7 @@ type Decoded struct {
 	Namespace *cluster.Namespace
 	Pod       *cluster.Pod
 	Service   *cluster.Service
+	Slice     *cluster.EndpointSlice
 	Policy    *policy.Object
 }
 
@@ -129,10 +132,12 @@ func (r *Resource) Decode() (Key, Decoded, error) {
 		d.Pod, err = decodeWorkload(v.Workload)
 	case *Resource_Service:
 		d.Service, err = decodeService(v.Service)
+	case *Resource_EndpointSlice:
+		d.Slice, err = decodeEndpointSlice(v.EndpointSlice)
 	case *Resource_Policy:
 		d.Policy, err = decodePolicy(k, v.Policy)
 	default:
-		err = invalid("resource", "", "empty (no namespace, workload, service or policy set)")
+		err = invalid("resource", "", "empty (no namespace, workload, service, endpoint slice or policy set)")
 	}
 	return k, d, err
 }
@@ -391,6 +396,53 @@ func ServiceResource(s *cluster.Service) *Resource {
 		})
 	}
 	return &Resource{Resource: &Resource_Service{Service: svc}}
+}
+
+// EndpointSliceResource converts an EndpointSlice.
+func EndpointSliceResource(s *cluster.EndpointSlice) *Resource {
+	out := &EndpointSlice{Namespace: s.Namespace, Name: s.Name, Service: s.Service, Source: s.Source}
+	for _, p := range s.Ports {
+		out.Ports = append(out.Ports, &EndpointPort{Name: p.Name, Protocol: p.Protocol, Port: uint32(p.Port)})
+	}
+	for _, e := range s.Endpoints {
+		ep := &Endpoint{Ready: e.Ready}
+		for _, a := range e.Addresses {
+			ep.Addresses = append(ep.Addresses, a.Unmap().AsSlice())
+		}
+		out.Endpoints = append(out.Endpoints, ep)
+	}
+	return &Resource{Resource: &Resource_EndpointSlice{EndpointSlice: out}}
+}
+
+func decodeEndpointSlice(s *EndpointSlice) (*cluster.EndpointSlice, error) {
+	what := "endpointslice " + s.GetNamespace() + "/" + s.GetName()
+	if err := checkName(what, s.GetNamespace(), s.GetName(), true); err != nil {
+		return nil, err
+	}
+	if s.GetService() == "" {
+		return nil, invalid(what, "service", "required")
+	}
+	out := &cluster.EndpointSlice{Namespace: s.GetNamespace(), Name: s.GetName(), Service: s.GetService(), Source: s.GetSource()}
+	for i, p := range s.GetPorts() {
+		field := fmt.Sprintf("ports[%d]", i)
+		switch p.GetProtocol() {
+		case "TCP", "UDP", "SCTP":
+		default:
+			return nil, invalid(what, field+".protocol", "%q is not TCP, UDP or SCTP", p.GetProtocol())
+		}
+		if p.GetPort() < 1 || p.GetPort() > 65535 {
+			return nil, invalid(what, field+".port", "%d is not 1-65535", p.GetPort())
+		}
+		out.Ports = append(out.Ports, cluster.EndpointPort{Name: p.GetName(), Protocol: p.GetProtocol(), Port: uint16(p.GetPort())})
+	}
+	for i, e := range s.GetEndpoints() {
+		addrs, err := decodeAddrs(what, fmt.Sprintf("endpoints[%d].addresses", i), e.GetAddresses())
+		if err != nil {
+			return nil, err
+		}
+		out.Endpoints = append(out.Endpoints, cluster.Endpoint{Addresses: addrs, Ready: e.GetReady()})
+	}
+	return out, nil
 }
 
 // PolicyResource converts a policy object. The spec message is shared, not copied: o

@@ -156,6 +156,10 @@ func TestWorkloadCarriesEveryPodField(t *testing.T) {
 		{reflect.TypeFor[cluster.Service](), "Namespace Name Labels ClusterIPs Selector Ports Source"},
 		{reflect.TypeFor[cluster.ServicePort](), "Name Protocol Port TargetPort TargetName"},
 		{reflect.TypeFor[cluster.Namespace](), "Name Labels"},
+		{reflect.TypeFor[cluster.EndpointSlice](), "Namespace Name Service Ports Endpoints Source"},
+		{reflect.TypeFor[cluster.EndpointPort](), "Name Protocol Port"},
+		{reflect.TypeFor[cluster.Endpoint](), "Addresses Ready"},
+		{reflect.TypeFor[cluster.State](), "Namespaces Pods Services EndpointSlices"},
 	} {
 		var got []string
 		for i := range tc.typ.NumField() {

@@ -52,6 +52,7 @@ type kept struct {
 	ns   *cluster.Namespace
 	pod  *cluster.Pod
 	svc  *cluster.Service
+	eps  *cluster.EndpointSlice
 	pol  *policy.Object
 }
 
@@ -144,6 +145,9 @@ func (s *DirSource) Load() (cfg *Config, err error) {
 		for _, svc := range st.Services {
 			servable(api.Key{Kind: api.Kind_KIND_SERVICE, Namespace: svc.Namespace, Name: svc.Name}, file, kept{file: file, svc: svc}, api.ServiceResource(svc), nil)
 		}
+		for _, sl := range st.EndpointSlices {
+			servable(api.Key{Kind: api.Kind_KIND_ENDPOINT_SLICE, Namespace: sl.Namespace, Name: sl.Name}, file, kept{file: file, eps: sl}, api.EndpointSliceResource(sl), nil)
+		}
 	}
 	for k, v := range s.last {
 		if _, still := now[k]; still || !(keep[k] || broken[v.file]) {
@@ -173,6 +177,8 @@ func (s *DirSource) config() *Config {
 			cfg.Cluster.Pods = append(cfg.Cluster.Pods, v.pod)
 		case v.svc != nil:
 			cfg.Cluster.Services = append(cfg.Cluster.Services, v.svc)
+		case v.eps != nil:
+			cfg.Cluster.EndpointSlices = append(cfg.Cluster.EndpointSlices, v.eps)
 		case v.pol != nil:
 			cfg.Policies = append(cfg.Policies, v.pol)
 		}

@@ -224,6 +224,9 @@ func resources(cfg *Config) (map[api.Key]*entry, []error) {
 		for _, svc := range st.Services {
 			add(api.ServiceResource(svc))
 		}
+		for _, sl := range st.EndpointSlices {
+			add(api.EndpointSliceResource(sl))
+		}
 	}
 	for _, o := range cfg.Policies {
 		r, err := api.PolicyResource(o)
