@@ -9,8 +9,10 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"os"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -18,6 +20,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/veilmesh/veil/identity"
 	"github.com/veilmesh/veil/internal/cluster"
+	"github.com/veilmesh/veil/internal/handover"
 	"github.com/veilmesh/veil/policy"
 	"github.com/veilmesh/veil/tunnel"
 )
@@ -53,6 +56,10 @@ type Options struct {
 	Capture Capture
 	// PodLink finds a local pod's veth. Default RouteLink.
 	PodLink PodLink
+	// Inherited are listeners taken over from a running agent (internal/handover), by
+	// name: "outbound", "plaintext", "hbone". A listener named here is served instead of
+	// a new one at its address.
+	Inherited map[string]net.Listener
 	// MaxConnections bounds the connections the agent proxies at once (captured ones and
 	// HBONE streams); MaxConnectionsPerSource bounds those of one source address (a pod,
 	// or for HBONE the original client). Past them a new connection is reset. Defaults
@@ -84,6 +91,9 @@ type Agent struct {
 	denyRate rateLimit
 	// twOnce logs once that TIME_WAIT sockets cannot be retired.
 	twOnce sync.Once
+	// draining is set by Drain: the capture belongs to a successor (or to nobody), and
+	// this agent changes it no more.
+	draining atomic.Bool
 	// live is set once a config from the controller (not a cache) has been applied: the
 	// evidence the capture sync needs to un-enroll what a previous agent left pinned.
 	live atomic.Bool
@@ -280,8 +290,12 @@ func (a *Agent) Start() error {
 		{a.opts.PlaintextAddr, func(l net.Listener) { a.acceptLoop(l, a.Plaintext) }},
 		{a.opts.HBONEAddr, func(l net.Listener) { a.hbone.Serve(l) }},
 	}
-	for _, s := range servers {
-		l, err := a.opts.Sockets.Listen(a.ctx, s.addr)
+	for i, s := range servers {
+		l := a.opts.Inherited[listenerNames[i]]
+		var err error
+		if l == nil {
+			l, err = a.opts.Sockets.Listen(a.ctx, s.addr)
+		}
 		if err != nil {
 			return errors.Join(fmt.Errorf("agent: listen %s: %w", s.addr, err), a.Close())
 		}
@@ -302,6 +316,63 @@ func (a *Agent) Start() error {
 		go func() { defer a.wg.Done(); s.serve(l) }()
 	}
 	return nil
+}
+
+// listenerNames name the proxy listeners, in Start's order, for a handover.
+var listenerNames = []string{"outbound", "plaintext", "hbone"}
+
+// ListenerFiles returns duplicates of the proxy listeners' descriptors, named as
+// Options.Inherited takes them, for a successor (internal/handover). The caller closes
+// them.
+func (a *Agent) ListenerFiles() ([]handover.Listener, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	var out []handover.Listener
+	for i, l := range a.listeners {
+		fl, ok := l.(interface{ File() (*os.File, error) })
+		if !ok {
+			return nil, fmt.Errorf("agent: %s listener %T has no descriptor", listenerNames[i], l)
+		}
+		f, err := fl.File()
+		if err != nil {
+			for _, o := range out {
+				o.File.Close()
+			}
+			return nil, fmt.Errorf("agent: %s listener: %w", listenerNames[i], err)
+		}
+		out = append(out, handover.Listener{Name: listenerNames[i], File: f})
+	}
+	return out, nil
+}
+
+// Drain ends the agent gracefully: it stops changing the capture (a successor may own it
+// now), stops accepting, sends GOAWAY on its HBONE connections so peers open new streams
+// elsewhere, and waits for the connections it proxies to end, until ctx ends; then it
+// closes what is left, as Close. The listening sockets stay open as long as another
+// process (a successor) holds them.
+func (a *Agent) Drain(ctx context.Context) error {
+	a.draining.Store(true)
+	a.mu.Lock()
+	for _, l := range a.listeners {
+		l.Close()
+	}
+	a.mu.Unlock()
+	a.hbone.Shutdown(ctx)
+	for {
+		a.limit.mu.Lock()
+		n := a.limit.total
+		a.limit.mu.Unlock()
+		if n == 0 {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			a.log.Info("drain: grace period over; closing what is left", "connections", n)
+			return a.Close()
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+	return a.Close()
 }
 
 // Addrs returns the listeners' addresses (outbound, plaintext, HBONE) once started.

@@ -80,7 +80,7 @@ type podKey struct{ namespace, name string }
 // leave it. Called with updateMu held.
 func (a *Agent) syncCapture(v *view) {
 	c := a.opts.Capture
-	if c == nil {
+	if c == nil || a.draining.Load() {
 		return
 	}
 	st := &a.capture
