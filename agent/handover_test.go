@@ -37,7 +37,7 @@ func TestHandoverWithoutAFailedConnection(t *testing.T) {
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
 	for _, dir := range []struct{ from, to, want string }{
-		{"frontend", "reviews", "reviews sees 10.77.1.10"}, // out of node-1's agent
+		{"frontend", "reviews", "reviews sees 10.77.1.10"},  // out of node-1's agent
 		{"reviews", "frontend", "frontend sees 10.77.2.10"}, // into node-1's agent, over HBONE
 	} {
 		wg.Add(1)
