@@ -345,13 +345,21 @@ func (a *Agent) ListenerFiles() ([]handover.Listener, error) {
 	return out, nil
 }
 
+// StopCapture makes the agent leave the capture alone from now on: a successor owns it.
+// When it returns, no change of this agent's is under way.
+func (a *Agent) StopCapture() {
+	a.updateMu.Lock()
+	a.draining.Store(true)
+	a.updateMu.Unlock()
+}
+
 // Drain ends the agent gracefully: it stops changing the capture (a successor may own it
 // now), stops accepting, sends GOAWAY on its HBONE connections so peers open new streams
 // elsewhere, and waits for the connections it proxies to end, until ctx ends; then it
 // closes what is left, as Close. The listening sockets stay open as long as another
 // process (a successor) holds them.
 func (a *Agent) Drain(ctx context.Context) error {
-	a.draining.Store(true)
+	a.StopCapture()
 	a.mu.Lock()
 	for _, l := range a.listeners {
 		l.Close()

@@ -269,23 +269,75 @@ func (l *Lab) startController(ctx context.Context) error {
 	}, "controller")
 }
 
-// StartAgent starts (or restarts) a node's agent and waits until it is ready.
+// AgentDrainGrace is how long a lab agent that is stopped or replaced lets the
+// connections it holds finish (veil-agent --drain-grace; a DaemonSet uses 29 s).
+const AgentDrainGrace = 2 * time.Second
+
+// StartAgent starts (or restarts) a node's agent and waits until it is ready. A running
+// agent of the node hands its listeners over to the new one and drains.
 func (l *Lab) StartAgent(ctx context.Context, node string) error {
 	err := l.start("agent-"+node, l.nodeNS(node), l.bin("veil-agent"),
 		"--node", node, "--config-cache", l.path("cache", node+".config"),
 		"--ca-addr", net.JoinHostPort(ControllerIP().String(), "15012"), "--ca-server-name", "veil-controller",
 		"--ca-root", l.path("ca", identity.RootCertFile), "--token-file", l.path("tokens", node),
-		"--uplink", "eth0", "--pin-dir", l.path("bpffs", node))
+		"--uplink", "eth0", "--pin-dir", l.path("bpffs", node),
+		"--handover-dir", l.path("run", node), "--drain-grace", AgentDrainGrace.String())
 	if err != nil {
 		return err
 	}
+	pid, err := l.pid("agent-" + node)
+	if err != nil {
+		return err
+	}
+	want := []byte(fmt.Sprintf("ready (pid %d)", pid))
 	return l.waitFor(ctx, "the agent of "+node, func(ctx context.Context) error {
 		body, err := l.NodeGet(ctx, node, "127.0.0.1:15021", "/healthz/ready")
-		if err == nil && !bytes.Contains(body, []byte("ready")) {
-			err = errors.New("not ready")
+		if err == nil && !bytes.Contains(body, want) {
+			err = fmt.Errorf("not ready: %q", bytes.TrimSpace(body))
 		}
 		return err
 	}, "agent-"+node)
+}
+
+// RestartAgent replaces a node's agent as a DaemonSet rolling update does: a new agent
+// starts beside the running one (same flags), takes its listening sockets over and
+// becomes ready; then the old one gets SIGTERM, drains what it holds for the grace
+// period and exits. Not a connection is refused. With kill, the old agent is killed
+// (SIGKILL, as a crash) before the new one starts: the pinned capture fails closed
+// meanwhile.
+func (l *Lab) RestartAgent(ctx context.Context, node string, kill bool) error {
+	if kill {
+		if err := l.StopAgent(node); err != nil {
+			return err
+		}
+		return l.StartAgent(ctx, node)
+	}
+	old, err := l.pid("agent-" + node)
+	if err != nil {
+		return err
+	}
+	if err := l.StartAgent(ctx, node); err != nil {
+		return err
+	}
+	if err := syscall.Kill(old, syscall.SIGTERM); err != nil && !errors.Is(err, syscall.ESRCH) {
+		return err
+	}
+	deadline := time.Now().Add(AgentDrainGrace + 10*time.Second)
+	for syscall.Kill(old, 0) == nil {
+		if time.Now().After(deadline) {
+			return fmt.Errorf("lab: the old agent of %s (pid %d) did not exit after draining", node, old)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return nil
+}
+
+func (l *Lab) pid(name string) (int, error) {
+	b, err := os.ReadFile(l.path("pids", name+".pid"))
+	if err != nil {
+		return 0, fmt.Errorf("lab: %s is not running: %w", name, err)
+	}
+	return strconv.Atoi(strings.TrimSpace(string(b)))
 }
 
 // StopAgent kills a node's agent (SIGKILL: as a crash would). Its capture stays pinned.

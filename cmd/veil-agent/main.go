@@ -25,6 +25,7 @@ import (
 	"github.com/veilmesh/veil/agent"
 	"github.com/veilmesh/veil/bpf"
 	"github.com/veilmesh/veil/identity"
+	"github.com/veilmesh/veil/internal/handover"
 	"github.com/veilmesh/veil/policy"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/keepalive"
@@ -72,6 +73,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		failOpen      = fs.Bool("fail-open", false, "while no agent listens, let enrolled pods' traffic through in plaintext instead of dropping it")
 		uplinks       listFlag
 		logLevel      = fs.String("log-level", "info", "debug, info, warn or error")
+		handoverDir   = fs.String("handover-dir", "/var/run/veil", "directory (root only) of the unix socket through which a new agent takes the running one's listeners over")
+		drainGrace    = fs.Duration("drain-grace", 29*time.Second, "how long a stopping or replaced agent lets the connections it holds finish (the DaemonSet's grace period minus 1s)")
 	)
 	fs.Var(&uplinks, "uplink", "interface through which other nodes' traffic arrives; repeatable (default: the interfaces of the default routes)")
 	if err := fs.Parse(args); err != nil {
@@ -124,6 +127,46 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	defer certs.Close()
 
+	// A running agent on this node hands its listeners over (a DaemonSet surge, or
+	// `veilctl lab restart-agent`): the sockets never close, so not a connection is lost.
+	// Then the lock on the pin directory makes this agent the capture's only writer.
+	if err := os.MkdirAll(*handoverDir, 0o700); err != nil {
+		return fmt.Errorf("--handover-dir: %w", err)
+	}
+	sock := filepath.Join(*handoverDir, "agent.sock")
+	takeCtx, cancelTake := context.WithTimeout(ctx, 15*time.Second)
+	taken, err := handover.Take(takeCtx, sock)
+	cancelTake()
+	if err != nil && !errors.Is(err, handover.ErrNoPredecessor) {
+		return err
+	}
+	inherited := map[string]net.Listener{}
+	for _, t := range taken {
+		l, err := net.FileListener(t.File)
+		t.File.Close()
+		if err != nil {
+			return fmt.Errorf("handover: listener %s: %w", t.Name, err)
+		}
+		inherited[t.Name] = l
+	}
+	if len(inherited) > 0 {
+		log.Info("handover: took the running agent's listeners over", "listeners", len(inherited))
+	}
+	lockPath := *handoverDir
+	if *capture {
+		if err := os.MkdirAll(*pinDir, 0o700); err != nil {
+			return fmt.Errorf("--pin-dir: %w", err)
+		}
+		lockPath = *pinDir
+	}
+	lockCtx, cancelLock := context.WithTimeout(ctx, *drainGrace+30*time.Second)
+	lock, err := handover.Acquire(lockCtx, lockPath)
+	cancelLock()
+	if err != nil {
+		return fmt.Errorf("another agent owns this node's capture and did not hand it over: %w", err)
+	}
+	defer lock.Release()
+
 	var capt agent.Capture
 	if *capture {
 		if _, err := bpf.CheckFeatures(); err != nil {
@@ -154,6 +197,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		OutboundAddr:  *outboundAddr,
 		PlaintextAddr: *plaintextAddr,
 		HBONEAddr:     *hboneAddr,
+		Inherited:     inherited,
 		Log:           log,
 	})
 	if err != nil {
@@ -175,6 +219,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	defer a.Close()
+	httpListeners := map[string]net.Listener{}
 
 	var wg sync.WaitGroup
 	defer wg.Wait()
@@ -185,10 +230,14 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		if addr == "" {
 			return nil
 		}
-		l, err := net.Listen("tcp", addr)
-		if err != nil {
-			return fmt.Errorf("--%s %s: %w", name, addr, err)
+		l := inherited[name]
+		if l == nil {
+			var err error
+			if l, err = net.Listen("tcp", addr); err != nil {
+				return fmt.Errorf("--%s %s: %w", name, addr, err)
+			}
 		}
+		httpListeners[name] = l
 		srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
 		wg.Add(2)
 		go func() { defer wg.Done(); _ = srv.Serve(l) }()
@@ -204,7 +253,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 			http.Error(w, "not ready", http.StatusServiceUnavailable)
 			return
 		}
-		fmt.Fprintln(w, "ready")
+		// The pid tells a restart which agent answers (the new one, after a handover).
+		fmt.Fprintf(w, "ready (pid %d)\n", os.Getpid())
 	})
 	if err := errors.Join(
 		serve("metrics-addr", *metricsAddr, metrics),
@@ -216,10 +266,53 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	for _, l := range a.Addrs() {
 		fmt.Fprintf(stdout, "veil-agent: proxy listening on %s\n", l)
 	}
+	// Offer the listeners to a successor. When one takes them, this agent stops changing
+	// the capture, lets the lock go, and drains.
+	handedOver := make(chan struct{})
+	files := func() ([]handover.Listener, error) {
+		ls, err := a.ListenerFiles()
+		if err != nil {
+			return nil, err
+		}
+		for name, l := range httpListeners {
+			f, err := l.(*net.TCPListener).File()
+			if err != nil {
+				for _, x := range ls {
+					x.File.Close()
+				}
+				return nil, err
+			}
+			ls = append(ls, handover.Listener{Name: name, File: f})
+		}
+		return ls, nil
+	}
+	offer, err := handover.NewOffer(sock, files, func() { close(handedOver) })
+	if err != nil {
+		return err
+	}
+	defer offer.Close()
 	ready.Store(true)
+	runCtx, stopSource := context.WithCancel(ctx)
+	defer stopSource()
 	wg.Add(1)
-	go func() { defer wg.Done(); _ = source.Run(ctx) }()
-	<-ctx.Done()
+	go func() { defer wg.Done(); _ = source.Run(runCtx) }()
+	select {
+	case <-ctx.Done():
+		log.Info("stopping: draining the connections held", "grace", drainGrace.String())
+	case <-handedOver:
+		log.Info("handover: a new agent took the listeners over; draining the connections held", "grace", drainGrace.String())
+	}
 	ready.Store(false)
+	a.StopCapture()
+	lock.Release()
+	offer.Close()
+	for _, l := range httpListeners {
+		l.Close()
+	}
+	graceCtx, cancelGrace := context.WithTimeout(context.Background(), *drainGrace)
+	defer cancelGrace()
+	a.Drain(graceCtx)
+	stopSource()
+	cancel()
 	return nil
 }

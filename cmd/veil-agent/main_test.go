@@ -95,6 +95,7 @@ func TestAgentFetchesCertificatesOfItsPods(t *testing.T) {
 			"--ca-root", filepath.Join(dir, "ca", identity.RootCertFile), "--token-file", filepath.Join(dir, "token"),
 			"--capture=false", "--outbound-addr", "127.0.0.1:0", "--plaintext-addr", "127.0.0.1:0", "--hbone-addr", "127.0.0.1:0",
 			"--metrics-addr", "127.0.0.1:0", "--ready-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0",
+			"--handover-dir", filepath.Join(dir, "run"), "--drain-grace", "1s",
 		}, pw, io.Discard)
 		pw.Close()
 	}()

@@ -21,6 +21,10 @@ const labUsage = `veilctl lab: a veil mesh in network namespaces on this machine
   veilctl lab exec [--name NAME] POD -- CMD run CMD in a pod's network namespace (POD = ns/name or name)
   veilctl lab apply [--name NAME] -f FILE   add security.istio.io policies (validated first)
   veilctl lab delete [--name NAME] -f FILE  remove what apply added from FILE
+  veilctl lab restart-agent [--name NAME] [--kill] NODE
+                                            replace a node's agent as a DaemonSet rolling update does:
+                                            the new one takes the listeners over, the old one drains
+                                            (--kill: kill -9 the old one first, as a crash)
   veilctl lab demo [--name NAME]            up, run the Istio documentation's scenarios, down
   veilctl lab down [--name NAME]            remove everything the lab created, even after a crash
 
@@ -38,6 +42,7 @@ func labCmd(ctx context.Context, args []string, stdin io.Reader, stdout, stderr 
 	name := fs.String("name", lab.DefaultSpec().Name, "lab name")
 	binDir := fs.String("bin-dir", "", "directory holding veil-controller, veil-agent and veilctl (default: veilctl's)")
 	file := fs.String("f", "", "file (spec for up; policies for apply and delete)")
+	kill := fs.Bool("kill", false, "restart-agent: kill -9 the running agent first, as a crash")
 	var listens multiFlag
 	if sub == "app" {
 		// veilctl lab app --name NS/POD --listen :9080 ...: the application the lab runs in pods.
@@ -100,6 +105,19 @@ func labCmd(ctx context.Context, args []string, stdin io.Reader, stdout, stderr 
 			return err
 		}
 		fmt.Fprintf(stdout, "applied %s to lab %s\n", *file, l.Spec.Name)
+		return nil
+	case "restart-agent":
+		if fs.NArg() != 1 {
+			return errors.New("lab restart-agent: want one NODE")
+		}
+		if err := l.RestartAgent(ctx, fs.Arg(0), *kill); err != nil {
+			return err
+		}
+		how := "handed over without a refused connection"
+		if *kill {
+			how = "killed and restarted"
+		}
+		fmt.Fprintf(stdout, "agent of %s %s\n", fs.Arg(0), how)
 		return nil
 	case "exec":
 		rest := fs.Args()

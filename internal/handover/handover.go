@@ -36,10 +36,14 @@ var ErrNoPredecessor = errors.New("handover: no running process offers its liste
 
 const maxListeners = 16
 
-// Offer serves the listeners at path until Close. When a successor has taken them (and
-// acknowledged), taken is called once, in its own goroutine; the offer stays open so a
-// successor that crashed before acknowledging can be replaced by another. files is called
-// for each successor and must return fresh descriptors (Offer closes them once sent).
+// offerWait is how long NewOffer waits for a live process to let the path go.
+var offerWait = 10 * time.Second
+
+// Offer serves the listeners at path until Close, or until a successor has taken them and
+// acknowledged: then taken is called, in its own goroutine, and the offer closes. A
+// successor that fails before acknowledging leaves the offer open for another. files is
+// called for each successor and must return fresh descriptors (Offer closes them once
+// sent).
 type Offer struct {
 	l    *net.UnixListener
 	path string
@@ -48,11 +52,19 @@ type Offer struct {
 }
 
 // NewOffer listens on path. A socket file left by a process that died is replaced; one a
-// live process still serves is an error.
+// live process still serves (a predecessor finishing its own handover) is waited for, up
+// to 10 s, then it is an error.
 func NewOffer(path string, files func() ([]Listener, error), taken func()) (*Offer, error) {
-	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+	for deadline := time.Now().Add(offerWait); ; {
+		c, err := net.DialTimeout("unix", path, time.Second)
+		if err != nil {
+			break
+		}
 		c.Close()
-		return nil, fmt.Errorf("handover: %s: another process is serving it", path)
+		if time.Now().After(deadline) {
+			return nil, fmt.Errorf("handover: %s: another process is serving it", path)
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return nil, fmt.Errorf("handover: %w", err)
@@ -73,10 +85,13 @@ func NewOffer(path string, files func() ([]Listener, error), taken func()) (*Off
 			if err != nil {
 				return
 			}
-			if o.serve(c, files) == nil {
-				o.once.Do(func() { go taken() })
-			}
+			err = o.serve(c, files)
 			c.Close()
+			if err == nil {
+				o.once.Do(func() { go taken() })
+				l.Close()
+				return
+			}
 		}
 	}()
 	return o, nil

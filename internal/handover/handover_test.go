@@ -43,6 +43,7 @@ func TestHandOverListeners(t *testing.T) {
 	if st, err := os.Stat(path); err != nil || st.Mode().Perm() != 0o600 {
 		t.Fatalf("socket mode %v, %v; want 0600", st.Mode(), err)
 	}
+	offerWait = 100 * time.Millisecond
 	if _, err := NewOffer(path, nil, nil); err == nil {
 		t.Fatal("a second offer on a live socket was allowed")
 	}
