@@ -474,3 +474,142 @@ func TestKillNineNeverLeaksPlaintext(t *testing.T) {
 	}
 	t.Logf("%d marked requests through 10 kill -9 restarts: 0 frames of plaintext on the fabric", sent.Load())
 }
+
+// procStats reads a process's resident memory (kB) and open descriptors.
+func procStats(t *testing.T, pid int) (rssKB, fds int) {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			fmt.Sscan(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), &rssKB)
+		}
+	}
+	ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return rssKB, len(ents)
+}
+
+// goroutines reads go_goroutines from a node agent's metrics.
+func (l *Lab) goroutines(t *testing.T, node string) int {
+	t.Helper()
+	b, err := l.NodeGet(context.Background(), node, "127.0.0.1:15020", "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "go_goroutines "); ok {
+			var n int
+			fmt.Sscan(v, &n)
+			return n
+		}
+	}
+	t.Fatal("no go_goroutines in the agent's metrics")
+	return 0
+}
+
+// TestTenThousandIdleConnections holds 10,000 idle keep-alive connections from two pods
+// of node-1 to reviews on node-2, through both agents, and reports what each costs the
+// agents; once they close, goroutines and descriptors come back to where they were.
+func TestTenThousandIdleConnections(t *testing.T) {
+	l := upLab(t)
+	ctx := context.Background()
+	const total = 10000
+	target := l.mustTarget(t, "reviews:9080")
+	pids := map[string]int{}
+	type base struct{ rss, fds, gor int }
+	before := map[string]base{}
+	for _, node := range []string{"node-1", "node-2"} {
+		pid, err := l.pid("agent-" + node)
+		if err != nil {
+			t.Fatal(err)
+		}
+		pids[node] = pid
+		l.Request(ctx, "bookinfo/frontend", target) // warm: certificates, pooled tunnel
+		rss, fds := procStats(t, pid)
+		before[node] = base{rss, fds, l.goroutines(t, node)}
+	}
+	conns := make([]net.Conn, total)
+	var wg sync.WaitGroup
+	var failed atomic.Int64
+	var first atomic.Value
+	for w := 0; w < 8; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := w; i < total; i += 8 {
+				from := []string{"bookinfo/frontend", "bookinfo/productpage"}[i%2]
+				c, err := l.DialFrom(ctx, from, target)
+				if err == nil {
+					c.SetDeadline(time.Now().Add(20 * time.Second))
+					_, err = io.WriteString(c, "GET / HTTP/1.1\r\nHost: reviews\r\n\r\n")
+				}
+				if err == nil {
+					buf := make([]byte, 4096)
+					var n int
+					n, err = c.Read(buf)
+					if err == nil && !bytes.Contains(buf[:n], []byte(" 200 ")) {
+						err = fmt.Errorf("answer %q", buf[:n])
+					}
+					c.SetDeadline(time.Time{})
+				}
+				if err != nil {
+					failed.Add(1)
+					first.CompareAndSwap(nil, err.Error())
+					if c != nil {
+						c.Close()
+					}
+					continue
+				}
+				conns[i] = c
+			}
+		}()
+	}
+	wg.Wait()
+	defer func() {
+		for _, c := range conns {
+			if c != nil {
+				c.Close()
+			}
+		}
+	}()
+	if n := failed.Load(); n != 0 {
+		t.Fatalf("%d of %d connections failed; first: %v", n, total, first.Load())
+	}
+	time.Sleep(time.Second)
+	for _, node := range []string{"node-1", "node-2"} {
+		rss, fds := procStats(t, pids[node])
+		g := l.goroutines(t, node)
+		b := before[node]
+		t.Logf("%s agent with %d idle connections: RSS %d MB (+%.1f KiB a connection), %d descriptors (+%d), %d goroutines (+%d)",
+			node, total, rss/1024, float64(rss-b.rss)/total, fds, fds-b.fds, g, g-b.gor)
+	}
+	for i, c := range conns {
+		c.Close()
+		conns[i] = nil
+	}
+	// What stays: the pooled HBONE connections that carried the streams (100 streams a
+	// connection), a descriptor and two goroutines each, until their idle timeout.
+	pooled := total / 100
+	for _, node := range []string{"node-1", "node-2"} {
+		b := before[node]
+		deadline := time.Now().Add(30 * time.Second)
+		for {
+			_, fds := procStats(t, pids[node])
+			g := l.goroutines(t, node)
+			if fds <= b.fds+pooled+5 && g <= b.gor+2*pooled+10 {
+				rss, _ := procStats(t, pids[node])
+				t.Logf("%s agent after they closed: %d descriptors, %d goroutines, RSS %d MB", node, fds, g, rss/1024)
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s agent did not come back: %d descriptors (was %d), %d goroutines (was %d)", node, fds, b.fds, g, b.gor)
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
+}
