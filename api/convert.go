@@ -247,13 +247,8 @@ func decodeService(s *Service) (*cluster.Service, error) {
 	}
 	for i, p := range s.GetPorts() {
 		field := fmt.Sprintf("ports[%d]", i)
-		switch p.GetProtocol() {
-		case "TCP", "UDP", "SCTP":
-		default:
-			return nil, invalid(what, field+".protocol", "%q is not TCP, UDP or SCTP", p.GetProtocol())
-		}
-		if p.GetPort() < 1 || p.GetPort() > 65535 {
-			return nil, invalid(what, field+".port", "%d is not a port", p.GetPort())
+		if err := checkPort(what, field, p.GetProtocol(), p.GetPort()); err != nil {
+			return nil, err
 		}
 		if (p.GetTargetPort() == 0) == (p.GetTargetName() == "") {
 			return nil, invalid(what, field, "exactly one of target_port and target_name must be set")
@@ -414,6 +409,19 @@ func EndpointSliceResource(s *cluster.EndpointSlice) *Resource {
 	return &Resource{Resource: &Resource_EndpointSlice{EndpointSlice: out}}
 }
 
+// checkPort checks a port's protocol and number.
+func checkPort(what, field, protocol string, port uint32) error {
+	switch protocol {
+	case "TCP", "UDP", "SCTP":
+	default:
+		return invalid(what, field+".protocol", "%q is not TCP, UDP or SCTP", protocol)
+	}
+	if port < 1 || port > 65535 {
+		return invalid(what, field+".port", "%d is not a port", port)
+	}
+	return nil
+}
+
 func decodeEndpointSlice(s *EndpointSlice) (*cluster.EndpointSlice, error) {
 	what := "endpointslice " + s.GetNamespace() + "/" + s.GetName()
 	if err := checkName(what, s.GetNamespace(), s.GetName(), true); err != nil {
@@ -424,14 +432,8 @@ func decodeEndpointSlice(s *EndpointSlice) (*cluster.EndpointSlice, error) {
 	}
 	out := &cluster.EndpointSlice{Namespace: s.GetNamespace(), Name: s.GetName(), Service: s.GetService(), Source: s.GetSource()}
 	for i, p := range s.GetPorts() {
-		field := fmt.Sprintf("ports[%d]", i)
-		switch p.GetProtocol() {
-		case "TCP", "UDP", "SCTP":
-		default:
-			return nil, invalid(what, field+".protocol", "%q is not TCP, UDP or SCTP", p.GetProtocol())
-		}
-		if p.GetPort() < 1 || p.GetPort() > 65535 {
-			return nil, invalid(what, field+".port", "%d is not 1-65535", p.GetPort())
+		if err := checkPort(what, fmt.Sprintf("ports[%d]", i), p.GetProtocol(), p.GetPort()); err != nil {
+			return nil, err
 		}
 		out.Ports = append(out.Ports, cluster.EndpointPort{Name: p.GetName(), Protocol: p.GetProtocol(), Port: uint16(p.GetPort())})
 	}

@@ -785,11 +785,7 @@ func (c *h2Conn) onRequest(id uint32, end, tooBig bool) error {
 			c.mu.Unlock()
 			return http2.ConnectionError(http2.ErrCodeProtocol)
 		}
-		s.recvClosed = true
-		s.signalRead()
-		if s.sentEnd {
-			c.removeLocked(s)
-		}
+		s.endRemoteLocked()
 		c.mu.Unlock()
 		return nil
 	}
@@ -855,11 +851,7 @@ func (c *h2Conn) onResponse(id uint32, end, tooBig bool) error {
 		close(s.respReady)
 	}
 	if end {
-		s.recvClosed = true
-		s.signalRead()
-		if s.sentEnd {
-			c.removeLocked(s)
-		}
+		s.endRemoteLocked()
 	}
 	c.mu.Unlock()
 	return nil
@@ -1174,6 +1166,16 @@ type Stream struct {
 	// onClose, when set, runs once when Close is first called (the pool's slot).
 	onClose   func()
 	closeOnce sync.Once
+}
+
+// endRemoteLocked records the peer's END_STREAM; a stream ended both ways is forgotten.
+// c.mu is held.
+func (s *Stream) endRemoteLocked() {
+	s.recvClosed = true
+	s.signalRead()
+	if s.sentEnd {
+		s.c.removeLocked(s)
+	}
 }
 
 func (s *Stream) signalRead() {
