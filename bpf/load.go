@@ -106,7 +106,11 @@ func loadObjects(objs *captureObjects, pinDir string) error {
 		// The last lines say why; the whole log is thousands of lines.
 		return fmt.Errorf("bpf: verifier rejected capture programs: %w\n%-12v", err, ve)
 	case errors.Is(err, ebpf.ErrMapIncompatible):
-		return fmt.Errorf("bpf: maps pinned in %s are from an incompatible veil version; run uninstall first: %w", pinDir, err)
+		// An upgrade changed a map's layout: replace it, carrying its state over.
+		if err := loadMigrating(spec, objs, pinDir); err != nil {
+			return fmt.Errorf("bpf: maps pinned in %s are from another veil version and cannot be carried over; the old capture stays in force (veil-agent uninstall resets it): %w", pinDir, err)
+		}
+		return nil
 	case err != nil:
 		return fmt.Errorf("bpf: load capture programs: %w", err)
 	}
