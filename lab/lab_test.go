@@ -695,3 +695,118 @@ func TestPodChurn(t *testing.T) {
 		}
 	}
 }
+
+// previousRelease is the last commit that landed before the hitless handover: agents of
+// this release take over from its agents.
+const previousRelease = "056ea6d208079887b4a65bced5e7a6aac897fe59"
+
+// buildRelease builds the binaries of a commit of this repository into a directory.
+func buildRelease(t *testing.T, commit string) string {
+	t.Helper()
+	top, err := exec.Command("git", "rev-parse", "--show-toplevel").Output()
+	if err != nil {
+		t.Fatalf("the upgrade test needs the repository's history (git): %v", err)
+	}
+	repo := strings.TrimSpace(string(top))
+	if out, err := exec.Command("git", "-C", repo, "cat-file", "-e", commit+"^{commit}").CombinedOutput(); err != nil {
+		t.Fatalf("commit %s of the previous release is not in this clone (a shallow clone?): %v: %s", commit, err, out)
+	}
+	tree := filepath.Join(t.TempDir(), "release")
+	if out, err := exec.Command("git", "-C", repo, "worktree", "add", "--detach", tree, commit).CombinedOutput(); err != nil {
+		t.Fatalf("git worktree add: %v: %s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("git", "-C", repo, "worktree", "remove", "--force", tree).Run() })
+	bin := filepath.Join(t.TempDir(), "bin")
+	cmd := exec.Command("go", "build", "-o", bin+"/", "./cmd/...")
+	cmd.Dir = tree
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("build %s: %v: %s", commit, err, out)
+	}
+	return bin
+}
+
+// TestUpgradeFromPreviousRelease: a lab brought up by the previous release's binaries
+// is upgraded, agent by agent, to this release's. That release cannot hand its listeners
+// over, so each old agent is stopped and the new one adopts its pinned capture: new
+// connections wait meanwhile (fail closed), marked traffic never crosses the fabric in
+// plaintext, and enrolled pods reach each other through the new agents afterwards.
+func TestUpgradeFromPreviousRelease(t *testing.T) {
+	if os.Geteuid() != 0 {
+		if os.Getenv("CI") != "" {
+			t.Fatal("CI must run the kernel tests as root")
+		}
+		t.Skip("needs root (network namespaces, eBPF); CI runs it as root")
+	}
+	old := buildRelease(t, previousRelease)
+	b := make([]byte, 3)
+	rand.Read(b)
+	name := "u" + hex.EncodeToString(b)
+	if out, err := exec.Command(filepath.Join(old, "veilctl"), "lab", "up", "--name", name).CombinedOutput(); err != nil {
+		t.Fatalf("previous release: veilctl lab up: %v\n%s", err, out)
+	}
+	opts := Options{BinDir: binDir, Log: io.Discard}
+	t.Cleanup(func() {
+		if err := Down(name, opts); err != nil {
+			t.Errorf("lab down: %v", err)
+		}
+	})
+	l, err := Open(name, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	l.want(t, "bookinfo/frontend", "reviews:9080", "200")
+	marker := []byte("veil-upgrade-marker-51c9")
+	count, stop := sniffFabric(t, l, marker)
+	defer stop()
+	target := l.mustTarget(t, "reviews:9080")
+	var answered atomic.Int64
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			select {
+			case <-done:
+				return
+			default:
+			}
+			dctx, cancel := context.WithTimeout(ctx, time.Second)
+			c, err := l.DialFrom(dctx, "bookinfo/frontend", target)
+			cancel()
+			if err != nil {
+				continue
+			}
+			c.SetDeadline(time.Now().Add(3 * time.Second))
+			fmt.Fprintf(c, "GET /%s HTTP/1.0\r\nHost: reviews\r\n\r\n", marker)
+			if b, err := io.ReadAll(c); err == nil && bytes.Contains(b, []byte(" 200 ")) {
+				answered.Add(1)
+			}
+			c.Close()
+		}
+	}()
+	for _, node := range []string{"node-1", "node-2"} {
+		if err := l.RestartAgent(ctx, node, true); err != nil {
+			t.Fatalf("upgrade the agent of %s: %v", node, err)
+		}
+	}
+	before := answered.Load()
+	for deadline := time.Now().Add(20 * time.Second); answered.Load() < before+20; time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("marked requests do not flow through the upgraded agents")
+		}
+	}
+	close(done)
+	wg.Wait()
+	time.Sleep(200 * time.Millisecond)
+	if n := count(); n != 0 {
+		t.Fatalf("%d frames of marked plaintext crossed the fabric during the upgrade", n)
+	}
+	// From here on the agents hand over: a rolling restart refuses nothing.
+	if err := l.RestartAgent(ctx, "node-1", false); err != nil {
+		t.Fatal(err)
+	}
+	l.want(t, "bookinfo/frontend", "reviews:9080", "200")
+	t.Logf("upgraded from %s: %d marked requests answered, 0 frames of plaintext", previousRelease[:7], answered.Load())
+}
