@@ -71,7 +71,23 @@ func (s *DirSource) Load() (cfg *Config, err error) {
 		}
 	}
 	sort.Strings(files)
+	docs := make([]doc, len(files))
+	for i, file := range files {
+		docs[i].name = file
+		docs[i].data, docs[i].err = os.ReadFile(file)
+	}
+	return s.loadDocs(docs)
+}
 
+// doc is one source of objects: a file, or one object from the API server.
+type doc struct {
+	name string
+	data []byte
+	err  error // it could not be read
+}
+
+// loadDocs turns documents into a config, keeping last good versions as Load says.
+func (s *DirSource) loadDocs(docs []doc) (cfg *Config, err error) {
 	now := map[api.Key]kept{}
 	broken := map[string]bool{}
 	keep := map[api.Key]bool{}
@@ -82,11 +98,11 @@ func (s *DirSource) Load() (cfg *Config, err error) {
 		}
 		now[k] = v
 	}
-	for _, file := range files {
-		data, err := os.ReadFile(file)
-		if err != nil {
+	for _, d := range docs {
+		file, data := d.name, d.data
+		if d.err != nil {
 			broken[file] = true
-			errs = append(errs, err)
+			errs = append(errs, d.err)
 			continue
 		}
 		st, clusterErrs := cluster.Parse(file, data)
