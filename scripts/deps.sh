@@ -28,6 +28,8 @@ test=(
 	# The capture's kernel tests load nftables rules with nft and fetch pages with curl.
 	"nft nftables nftables nftables"
 	"curl curl curl curl"
+	# The controller's Kubernetes tests run a real API server on etcd.
+	"etcd etcd-server etcd etcd"
 )
 bench=(
 	"${demo[@]}"

@@ -26,6 +26,8 @@ import (
 	"github.com/veilmesh/veil/identity"
 	"github.com/veilmesh/veil/policy"
 	"google.golang.org/grpc"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
 )
 
 func main() {
@@ -58,6 +60,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		ackTimeout  = fs.Duration("ack-timeout", controller.DefaultAckTimeout, "how long an agent has to answer a push (and to subscribe once connected); a stream not answered in time is ended, and the agent reconnects and resumes")
 		maxStreams  = fs.Int("max-streams-per-node", controller.DefaultMaxStreamsPerNode, "most config streams one node may hold open at once (at least 2: a restarting agent's old and new process overlap)")
 		logLevel    = fs.String("log-level", "info", "debug, info, warn or error")
+		kubeconfig  = fs.String("kubeconfig", "", `read the cluster from a Kubernetes API server instead of --config-dir: a kubeconfig file, or "in-cluster" for the pod's service account`)
 		serverNames listFlag
 	)
 	fs.Var(&serverNames, "server-name", "DNS name agents dial the CA by; repeatable (default veil-controller, localhost)")
@@ -73,8 +76,11 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	case *configDir == "":
 		*configDir = *pods
 	}
-	if *tokens == "" || *configDir == "" {
-		return errors.New("--node-tokens and --config-dir are required")
+	if (*configDir == "") == (*kubeconfig == "") {
+		return errors.New("give one of --config-dir and --kubeconfig")
+	}
+	if *tokens == "" {
+		return errors.New("--node-tokens is required")
 	}
 	if *poll <= 0 {
 		return fmt.Errorf("--poll-interval %v: must be positive", *poll)
@@ -109,15 +115,25 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	src := &controller.DirSource{
-		Dir:      *configDir,
-		Policy:   policy.Options{RootNamespace: *rootNS, TrustDomain: td.String()},
-		Interval: *poll,
-		Log:      log,
-	}
-	first, err := src.Load()
-	if first == nil {
-		return err
+	popts := policy.Options{RootNamespace: *rootNS, TrustDomain: td.String()}
+	var src controller.Source
+	var first *controller.Config
+	from := *configDir
+	if *kubeconfig != "" {
+		rc, err := kubeRESTConfig(*kubeconfig)
+		if err != nil {
+			return err
+		}
+		// The informers' first full list is served when it arrives; until then the CA
+		// places nothing and agents wait.
+		src, from = &controller.KubeSource{Config: rc, Policy: popts, Log: log}, "the API server at "+rc.Host
+		err = errors.New("first config not loaded yet")
+	} else {
+		dir := &controller.DirSource{Dir: *configDir, Policy: popts, Interval: *poll, Log: log}
+		if first, err = dir.Load(); first == nil {
+			return err
+		}
+		src = dir
 	}
 	placement := &controller.LivePlacement{}
 	config := &controller.ConfigServer{
@@ -135,7 +151,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	// Serve a clean first load at once: neither a CA request nor a subscription meets an
 	// empty config. One with errors is not served at all (the source's Run logs them and
 	// waits for a clean load): a partial config could loosen what agents enforce.
-	if err == nil {
+	if err == nil && first != nil {
 		config.OnConfig(first)
 		if _, err := config.Set(first); err != nil {
 			log.Warn("config: objects not served", "err", err)
@@ -156,9 +172,25 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		}
 		configDone <- err
 	}()
-	fmt.Fprintf(stdout, "veil-controller: CA on %s, trust bundle %s, config stream from %s\n", lis.Addr(), filepath.Join(*caDir, identity.RootCertFile), *configDir)
+	fmt.Fprintf(stdout, "veil-controller: CA on %s, trust bundle %s, config stream from %s\n", lis.Addr(), filepath.Join(*caDir, identity.RootCertFile), from)
 	srv := &controller.CAServer{CA: ca, Auth: auth, Workloads: placement, ServerNames: serverNames, Services: []interface{ Register(*grpc.Server) }{config}, Log: log}
 	err = srv.Serve(ctx, lis)
 	cancel()
 	return errors.Join(err, <-configDone)
+}
+
+// kubeRESTConfig reads a kubeconfig file, or the pod's service account for "in-cluster".
+func kubeRESTConfig(path string) (*rest.Config, error) {
+	if path == "in-cluster" {
+		c, err := rest.InClusterConfig()
+		if err != nil {
+			return nil, fmt.Errorf("--kubeconfig in-cluster: %w", err)
+		}
+		return c, nil
+	}
+	c, err := clientcmd.BuildConfigFromFlags("", path)
+	if err != nil {
+		return nil, fmt.Errorf("--kubeconfig %s: %w", path, err)
+	}
+	return c, nil
 }
