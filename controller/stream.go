@@ -378,6 +378,10 @@ func (s *ConfigServer) Subscribe(stream api.ConfigService_SubscribeServer) error
 		log.Warn("config: refused: unauthenticated", "peer", peerAddr(stream), "err", err)
 		return status.Errorf(codes.Unauthenticated, "controller: %v", err)
 	}
+	if !caller.Workload.IsZero() {
+		log.Warn("config: refused: not a node agent", "caller", caller.Name, "identity", caller.Workload.String(), "node", caller.Node)
+		return status.Errorf(codes.PermissionDenied, "controller: %s (identity %s) is not a node agent; only node agents subscribe to the config", caller.Name, caller.Workload)
+	}
 	// The cap counts streams by the credential's node from here, so that streams which
 	// never subscribe count too.
 	node, limit := caller.Node, s.maxStreams()

@@ -22,9 +22,18 @@ import (
 // node agent names the workload identity it asks for, as Istio's ztunnel does.
 const ImpersonatedIdentityKey = "ImpersonatedIdentity"
 
-// A Caller is who a CA request comes from once authenticated: a node agent.
+// A Caller is who a CA request comes from once authenticated: a node agent, which may
+// obtain the identities of the pods on its node, or a workload (a waypoint, a pod that
+// runs its own client), which may obtain only its own identity, as istiod signs for
+// sidecars.
 type Caller struct {
+	// Node is the node the caller runs on.
 	Node string
+	// Workload, when set, is the caller's own identity, and the only one it may obtain.
+	// Unset for a node agent.
+	Workload spiffeid.ID
+	// Name says who the caller is, for logs (a pod, a bootstrap token's node).
+	Name string
 }
 
 // An Authenticator establishes the caller of a CA request from its context (gRPC
@@ -83,7 +92,7 @@ func (n *NodeTokens) Authenticate(ctx context.Context) (Caller, error) {
 	if !ok {
 		return Caller{}, errors.New("unknown bootstrap token")
 	}
-	return Caller{Node: node}, nil
+	return Caller{Node: node, Name: "the bootstrap token of node " + node}, nil
 }
 
 // BearerToken is a gRPC per-RPC credential carrying a node's bootstrap token. It
@@ -136,8 +145,13 @@ func (s *Server) CreateCertificate(ctx context.Context, req *pb.IstioCertificate
 		log.Warn("ca: refused: impersonated identity differs from CSR", "node", caller.Node, "identity", id.String(), "impersonated", imp)
 		return nil, status.Errorf(codes.InvalidArgument, "ca: %s %q does not match the CSR's URI SAN %q", ImpersonatedIdentityKey, imp, id)
 	}
-	if !s.Workloads.IdentityOnNode(caller.Node, id) {
-		log.Warn("ca: refused: identity not on caller's node", "node", caller.Node, "identity", id.String())
+	if !caller.Workload.IsZero() {
+		if caller.Workload != id {
+			log.Warn("ca: refused: a workload asked for another identity", "caller", caller.Name, "node", caller.Node, "identity", id.String(), "own", caller.Workload.String())
+			return nil, status.Errorf(codes.PermissionDenied, "ca: %s (identity %s, on node %q) may obtain only its own identity, not %s", caller.Name, caller.Workload, caller.Node, id)
+		}
+	} else if !s.Workloads.IdentityOnNode(caller.Node, id) {
+		log.Warn("ca: refused: identity not on caller's node", "caller", caller.Name, "node", caller.Node, "identity", id.String())
 		return nil, status.Errorf(codes.PermissionDenied, "ca: node %q runs no pod with identity %s", caller.Node, id)
 	}
 	if req.GetValidityDuration() < 0 {

@@ -26,6 +26,7 @@ import (
 	"github.com/veilmesh/veil/identity"
 	"github.com/veilmesh/veil/policy"
 	"google.golang.org/grpc"
+	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 )
@@ -52,7 +53,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		trustDomain = fs.String("trust-domain", identity.DefaultTrustDomain, "trust domain of the identities the CA signs")
 		maxTTL      = fs.Duration("max-ttl", identity.DefaultMaxTTL, "longest lifetime of an issued workload certificate")
 		listen      = fs.String("listen", ":15012", "address of the CA's gRPC service")
-		tokens      = fs.String("node-tokens", "", "YAML file, mode 0600, mapping node name to its bootstrap token (required)")
+		tokens      = fs.String("node-tokens", "", "YAML file, mode 0600, mapping node name to its bootstrap token (required without --kubeconfig)")
+		agentSA     = fs.String("agent-service-account", "veil-system/veil-agent", "with --kubeconfig: namespace/name of the node agents' service account; their projected tokens (audience istio-ca) authorize the identities of their node's pods, any other pod's only its own")
 		configDir   = fs.String("config-dir", "", "directory of Kubernetes YAML (Namespaces, Pods, Services, PeerAuthentication, AuthorizationPolicy, RequestAuthentication), watched for changes: what the agents receive, and which node may obtain which identity (required)")
 		pods        = fs.String("pods", "", "old name of --config-dir")
 		rootNS      = fs.String("root-namespace", policy.DefaultRootNamespace, "meshConfig.rootNamespace: policies there apply mesh-wide")
@@ -79,8 +81,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if (*configDir == "") == (*kubeconfig == "") {
 		return errors.New("give one of --config-dir and --kubeconfig")
 	}
-	if *tokens == "" {
-		return errors.New("--node-tokens is required")
+	if *tokens == "" && *kubeconfig == "" {
+		return errors.New("--node-tokens is required (or --kubeconfig, for Kubernetes token review)")
 	}
 	if *poll <= 0 {
 		return fmt.Errorf("--poll-interval %v: must be positive", *poll)
@@ -111,9 +113,13 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	auth, err := controller.LoadNodeTokens(*tokens)
-	if err != nil {
-		return err
+	var auths controller.FirstOf
+	if *tokens != "" {
+		nt, err := controller.LoadNodeTokens(*tokens)
+		if err != nil {
+			return err
+		}
+		auths = append(auths, nt)
 	}
 	popts := policy.Options{RootNamespace: *rootNS, TrustDomain: td.String()}
 	var src controller.Source
@@ -127,6 +133,11 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		// The informers' first full list is served when it arrives; until then the CA
 		// places nothing and agents wait.
 		src, from = &controller.KubeSource{Config: rc, Policy: popts, Log: log}, "the API server at "+rc.Host
+		cs, err := kubernetes.NewForConfig(rc)
+		if err != nil {
+			return fmt.Errorf("--kubeconfig: %w", err)
+		}
+		auths = append(auths, &controller.TokenReview{Client: cs, AgentServiceAccount: *agentSA, TrustDomain: td})
 		err = errors.New("first config not loaded yet")
 	} else {
 		dir := &controller.DirSource{Dir: *configDir, Policy: popts, Interval: *poll, Log: log}
@@ -137,7 +148,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	placement := &controller.LivePlacement{}
 	config := &controller.ConfigServer{
-		Auth:   auth,
+		Auth:   auths,
 		Source: src,
 		OnConfig: func(c *controller.Config) {
 			if err := placement.Update(td, c.Cluster.Pods); err != nil {
@@ -173,7 +184,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		configDone <- err
 	}()
 	fmt.Fprintf(stdout, "veil-controller: CA on %s, trust bundle %s, config stream from %s\n", lis.Addr(), filepath.Join(*caDir, identity.RootCertFile), from)
-	srv := &controller.CAServer{CA: ca, Auth: auth, Workloads: placement, ServerNames: serverNames, Services: []interface{ Register(*grpc.Server) }{config}, Log: log}
+	srv := &controller.CAServer{CA: ca, Auth: auths, Workloads: placement, ServerNames: serverNames, Services: []interface{ Register(*grpc.Server) }{config}, Log: log}
 	err = srv.Serve(ctx, lis)
 	cancel()
 	return errors.Join(err, <-configDone)
