@@ -5,6 +5,8 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
+	"time"
 
 	"github.com/veilmesh/veil/bpf"
 	"github.com/vishvananda/netlink"
@@ -55,4 +57,20 @@ func uninstall(args []string, stdout, stderr io.Writer) error {
 	}
 	fmt.Fprintln(stdout, "veil-agent: capture uninstalled from", *pinDir)
 	return nil
+}
+
+// checkNoZtunnel refuses to capture on a node where Istio's ztunnel already does: both act
+// on pods labelled istio.io/dataplane-mode=ambient, and two captures of one pod's
+// traffic would each break the other's. istio-cni hands pods to ztunnel over a unix
+// socket; a live listener there means ztunnel runs on this node.
+func checkNoZtunnel(sock string) error {
+	if sock == "" {
+		return nil
+	}
+	c, err := net.DialTimeout("unix", sock, time.Second)
+	if err != nil {
+		return nil // nothing serves it: no ztunnel here
+	}
+	c.Close()
+	return fmt.Errorf("Istio's ztunnel captures this node's ambient pods (it serves %s): veil and ztunnel both act on istio.io/dataplane-mode=ambient and cannot share a node; remove ztunnel from this node, or run veil elsewhere (--ztunnel-socket \"\" skips this check)", sock)
 }

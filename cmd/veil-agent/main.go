@@ -74,6 +74,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		uplinks       listFlag
 		logLevel      = fs.String("log-level", "info", "debug, info, warn or error")
 		handoverDir   = fs.String("handover-dir", "/var/run/veil", "directory (root only) of the unix socket through which a new agent takes the running one's listeners over")
+		ztunnelSocket = fs.String("ztunnel-socket", "/var/run/ztunnel/ztunnel.sock", "the socket through which Istio's CNI hands pods to ztunnel: when something serves it, ztunnel captures this node's ambient pods and veil refuses to capture them too; empty skips the check")
 		drainGrace    = fs.Duration("drain-grace", 29*time.Second, "how long a stopping or replaced agent lets the connections it holds finish (the DaemonSet's grace period minus 1s)")
 	)
 	fs.Var(&uplinks, "uplink", "interface through which other nodes' traffic arrives; repeatable (default: the interfaces of the default routes)")
@@ -169,6 +170,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 
 	var capt agent.Capture
 	if *capture {
+		if err := checkNoZtunnel(*ztunnelSocket); err != nil {
+			return err
+		}
 		if _, err := bpf.CheckFeatures(); err != nil {
 			return fmt.Errorf("capture: %w", err)
 		}

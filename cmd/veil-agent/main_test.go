@@ -159,3 +159,24 @@ func TestAgentRejectsMissingFlags(t *testing.T) {
 		t.Fatalf("error %v, want one naming the missing flags", err)
 	}
 }
+
+// A node where Istio's ztunnel runs (it serves istio-cni's socket) is refused: both would
+// capture the same ambient pods.
+func TestAgentRefusesANodeWithZtunnel(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "ztunnel.sock")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	if err := checkNoZtunnel(sock); err == nil || !strings.Contains(err.Error(), "ztunnel captures this node's ambient pods") {
+		t.Fatalf("checkNoZtunnel with ztunnel running: %v", err)
+	}
+	l.Close()
+	if err := checkNoZtunnel(sock); err != nil {
+		t.Fatalf("checkNoZtunnel without ztunnel: %v", err)
+	}
+	if err := checkNoZtunnel(""); err != nil {
+		t.Fatal(err)
+	}
+}
