@@ -56,7 +56,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		caAddr        = fs.String("ca-addr", "", "address of the CA (veil-controller, or istiod), host:port (required)")
 		caServerName  = fs.String("ca-server-name", "veil-controller", "name in the CA's TLS certificate")
 		caRoot        = fs.String("ca-root", "", "PEM file of the roots that sign the CA's TLS certificate, e.g. the controller's root-cert.pem (required)")
-		tokenFile     = fs.String("token-file", "", "file holding this node's bootstrap token (required)")
+		tokenFile     = fs.String("token-file", "", "file holding this agent's token, read at every call: its projected service-account token (audience istio-ca) in Kubernetes, or the node's bootstrap token (required)")
 		trustDomain   = fs.String("trust-domain", identity.DefaultTrustDomain, "trust domain of the mesh")
 		rootNamespace = fs.String("root-namespace", policy.DefaultRootNamespace, "Istio root namespace: its selector-less policies apply mesh-wide")
 		certTTL       = fs.Duration("cert-ttl", identity.DefaultMaxTTL, "lifetime asked of the CA for workload certificates")
@@ -110,13 +110,14 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if err != nil || len(roots) == 0 {
 		return fmt.Errorf("--ca-root %s: no PEM certificates: %v", *caRoot, err)
 	}
-	tok, err := os.ReadFile(*tokenFile)
-	if err != nil {
+	// The token is read again for every call: in Kubernetes it is the agent's projected
+	// service-account token (audience istio-ca), which the kubelet rotates.
+	if _, err := identity.TokenFile(*tokenFile).GetRequestMetadata(ctx); err != nil {
 		return fmt.Errorf("--token-file: %w", err)
 	}
 	// One connection to the controller carries the CA and the config stream; keepalive
 	// notices a controller that vanished without closing.
-	conn, err := identity.DialCA(*caAddr, *caServerName, roots, strings.TrimSpace(string(tok)),
+	conn, err := identity.DialCAWith(*caAddr, *caServerName, roots, identity.TokenFile(*tokenFile),
 		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 30 * time.Second, Timeout: 10 * time.Second}))
 	if err != nil {
 		return err
