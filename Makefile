@@ -6,7 +6,7 @@ PKGS     ?= ./...
 BENCHTIME ?= 1s
 BIN      := bin
 
-.PHONY: all build generate check-generate test unit interop check fmt fmt-check vet bench bench-path fuzz demo deps-demo deps-test clean help
+.PHONY: all build generate check-generate test unit interop kube-build check fmt fmt-check vet bench bench-path fuzz demo deps-demo deps-test clean help
 
 all: build
 
@@ -31,7 +31,10 @@ generate: ## regenerate committed generated code (bpf2go, protoc)
 check-generate: ## fail if committed generated code is stale (api always; bpf where the recorded clang is present, and always in CI)
 	./scripts/check-generate.sh
 
-test: deps-test check check-generate unit interop ## the README's test command: installs what is missing, gofmt check, go vet, generated code current, all tests
+test: deps-test kube-build check check-generate unit interop ## the README's test command: installs what is missing, gofmt check, go vet, generated code current, all tests
+
+kube-build: ## build (once; cached in ~/.cache/veil) the kube-apiserver and kubectl the Kubernetes tests run
+	@./scripts/kube-build.sh >/dev/null
 
 unit: ## go test every package (privileged tests need root)
 	$(GO) test -count=1 -timeout 30m $(PKGS)
