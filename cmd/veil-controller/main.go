@@ -54,6 +54,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		maxTTL      = fs.Duration("max-ttl", identity.DefaultMaxTTL, "longest lifetime of an issued workload certificate")
 		listen      = fs.String("listen", ":15012", "address of the CA's gRPC service")
 		tokens      = fs.String("node-tokens", "", "YAML file, mode 0600, mapping node name to its bootstrap token (required without --kubeconfig)")
+		caSecret    = fs.String("ca-secret", "", "with --kubeconfig: namespace/name of a Secret holding the CA in Istio's cacerts layout, used instead of --ca-dir; created with a new root when absent (replicas share it)")
+		rootCM      = fs.String("root-configmap", "", "with --kubeconfig: namespace/name of a ConfigMap the trust bundle is published to (key root-cert.pem), for agents to mount")
 		agentSA     = fs.String("agent-service-account", "veil-system/veil-agent", "with --kubeconfig: namespace/name of the node agents' service account; their projected tokens (audience istio-ca) authorize the identities of their node's pods, any other pod's only its own")
 		configDir   = fs.String("config-dir", "", "directory of Kubernetes YAML (Namespaces, Pods, Services, PeerAuthentication, AuthorizationPolicy, RequestAuthentication), watched for changes: what the agents receive, and which node may obtain which identity (required)")
 		pods        = fs.String("pods", "", "old name of --config-dir")
@@ -109,9 +111,42 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if *maxTTL < time.Minute {
 		return fmt.Errorf("--max-ttl %v: must be at least 1m", *maxTTL)
 	}
-	ca, err := identity.LoadOrCreateCA(*caDir, identity.CAOptions{TrustDomain: td, MaxTTL: *maxTTL})
+	var rc *rest.Config
+	var cs kubernetes.Interface
+	if *kubeconfig != "" {
+		if rc, err = kubeRESTConfig(*kubeconfig); err != nil {
+			return err
+		}
+		if cs, err = kubernetes.NewForConfig(rc); err != nil {
+			return fmt.Errorf("--kubeconfig: %w", err)
+		}
+	} else if *caSecret != "" || *rootCM != "" {
+		return errors.New("--ca-secret and --root-configmap need --kubeconfig")
+	}
+	caOpts := identity.CAOptions{TrustDomain: td, MaxTTL: *maxTTL}
+	var ca *identity.CA
+	trustBundle := filepath.Join(*caDir, identity.RootCertFile)
+	if *caSecret != "" {
+		ns, name, ok := strings.Cut(*caSecret, "/")
+		if !ok || ns == "" || name == "" {
+			return fmt.Errorf("--ca-secret %q: want namespace/name", *caSecret)
+		}
+		ca, err = controller.LoadOrCreateCASecret(ctx, cs, ns, name, caOpts)
+		trustBundle = "Secret " + *caSecret
+	} else {
+		ca, err = identity.LoadOrCreateCA(*caDir, caOpts)
+	}
 	if err != nil {
 		return err
+	}
+	if *rootCM != "" {
+		ns, name, ok := strings.Cut(*rootCM, "/")
+		if !ok || ns == "" || name == "" {
+			return fmt.Errorf("--root-configmap %q: want namespace/name", *rootCM)
+		}
+		if err := controller.PublishRoot(ctx, cs, ns, name, ca); err != nil {
+			return err
+		}
 	}
 	var auths controller.FirstOf
 	if *tokens != "" {
@@ -126,19 +161,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	var first *controller.Config
 	from := *configDir
 	if *kubeconfig != "" {
-		rc, err := kubeRESTConfig(*kubeconfig)
-		if err != nil {
-			return err
-		}
 		// The informers' first full list is served when it arrives; until then the CA
 		// places nothing and agents wait.
 		src, from = &controller.KubeSource{Config: rc, Policy: popts, Log: log}, "the API server at "+rc.Host
-		cs, err := kubernetes.NewForConfig(rc)
-		if err != nil {
-			return fmt.Errorf("--kubeconfig: %w", err)
-		}
 		auths = append(auths, &controller.TokenReview{Client: cs, AgentServiceAccount: *agentSA, TrustDomain: td})
-		err = errors.New("first config not loaded yet")
 	} else {
 		dir := &controller.DirSource{Dir: *configDir, Policy: popts, Interval: *poll, Log: log}
 		if first, err = dir.Load(); first == nil {
@@ -183,7 +209,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		}
 		configDone <- err
 	}()
-	fmt.Fprintf(stdout, "veil-controller: CA on %s, trust bundle %s, config stream from %s\n", lis.Addr(), filepath.Join(*caDir, identity.RootCertFile), from)
+	fmt.Fprintf(stdout, "veil-controller: CA on %s, trust bundle %s, config stream from %s\n", lis.Addr(), trustBundle, from)
 	srv := &controller.CAServer{CA: ca, Auth: auths, Workloads: placement, ServerNames: serverNames, Services: []interface{ Register(*grpc.Server) }{config}, Log: log}
 	err = srv.Serve(ctx, lis)
 	cancel()
