@@ -3,9 +3,7 @@ package controller
 import (
 	"context"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"strings"
 	"testing"
 	"time"
 
@@ -15,16 +13,6 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 )
-
-// istioCRDs is Istio's CRD file from the istio.io/api module go.mod requires.
-func istioCRDs(t *testing.T) string {
-	t.Helper()
-	out, err := exec.Command("go", "list", "-m", "-f", "{{.Dir}}", "istio.io/api").Output()
-	if err != nil || len(strings.TrimSpace(string(out))) == 0 {
-		t.Fatalf("istio.io/api module: %v", err)
-	}
-	return filepath.Join(strings.TrimSpace(string(out)), "kubernetes", "customresourcedefinitions.gen.yaml")
-}
 
 // watchConfigs runs src and returns a function that waits for a config satisfying ok.
 func watchConfigs(t *testing.T, src Source) func(what string, ok func(*Config) bool) *Config {
@@ -81,9 +69,7 @@ func noPod(name string) func(*Config) bool {
 // the informers relist and changes keep coming.
 func TestKubeSourceFollowsTheAPIServer(t *testing.T) {
 	kc := kubetest.Start(t)
-	kc.Kubectl(t, "apply", "--server-side", "-f", istioCRDs(t))
-	kc.Kubectl(t, "wait", "--for", "condition=established", "--timeout", "60s",
-		"crd/peerauthentications.security.istio.io", "crd/authorizationpolicies.security.istio.io", "crd/requestauthentications.security.istio.io")
+	kc.InstallIstioCRDs(t)
 	cs := kubernetes.NewForConfigOrDie(kc.Config)
 	ctx := context.Background()
 	if _, err := cs.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "bookinfo",

@@ -214,6 +214,13 @@ func (c *Cluster) waitReady(limit time.Duration) error {
 	return last
 }
 
+// Run runs kubectl against the cluster and returns its output and error (a command
+// that answers through its exit code, as `kubectl auth can-i`).
+func (c *Cluster) Run(args ...string) (string, error) {
+	out, err := exec.Command(filepath.Join(c.Bin, "kubectl"), append([]string{"--kubeconfig", c.Kubeconfig}, args...)...).Output()
+	return string(out), err
+}
+
 // Kubectl runs kubectl against the cluster and returns its combined output.
 func (c *Cluster) Kubectl(t testing.TB, args ...string) string {
 	t.Helper()
@@ -222,4 +229,17 @@ func (c *Cluster) Kubectl(t testing.TB, args ...string) string {
 		t.Fatalf("kubectl %s: %v\n%s", strings.Join(args, " "), err, out)
 	}
 	return string(out)
+}
+
+// InstallIstioCRDs applies Istio's CRDs from the istio.io/api module go.mod requires
+// (kubernetes/customresourcedefinitions.gen.yaml) and waits for the security ones.
+func (c *Cluster) InstallIstioCRDs(t testing.TB) {
+	t.Helper()
+	out, err := exec.Command("go", "list", "-m", "-f", "{{.Dir}}", "istio.io/api").Output()
+	if err != nil || len(strings.TrimSpace(string(out))) == 0 {
+		t.Fatalf("kubetest: the istio.io/api module: %v", err)
+	}
+	c.Kubectl(t, "apply", "--server-side", "-f", filepath.Join(strings.TrimSpace(string(out)), "kubernetes", "customresourcedefinitions.gen.yaml"))
+	c.Kubectl(t, "wait", "--for", "condition=established", "--timeout", "60s",
+		"crd/peerauthentications.security.istio.io", "crd/authorizationpolicies.security.istio.io", "crd/requestauthentications.security.istio.io")
 }
