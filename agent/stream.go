@@ -50,9 +50,10 @@ type ControllerSource struct {
 
 // heldConfig is the config the agent enforces: the resources of the last push it applied.
 type heldConfig struct {
-	epoch   string
-	version uint64
-	entries map[api.Key]heldEntry
+	epoch      string
+	version    uint64
+	generation uint64 // api.Push.generation of the config held
+	entries    map[api.Key]heldEntry
 }
 
 type heldEntry struct {
@@ -225,6 +226,9 @@ func recvErr(stream grpc.ClientStream, err error) error {
 
 var errBase = errors.New("delta does not apply to the config held")
 
+// errOlder is a push older than the config held.
+var errOlder = errors.New("config older than the one held")
+
 // apply converts p on top of the config held, and if all of it is good, applies it to
 // the agent, makes it the config held, and (when cache) writes the cache.
 func (s *ControllerSource) apply(p *api.Push, cache bool) error {
@@ -270,7 +274,10 @@ func nextConfig(cur *heldConfig, p *api.Push, opts policy.Options) (*heldConfig,
 	if p.GetEpoch() == "" || p.GetVersion() == 0 {
 		return nil, nil, fmt.Errorf("push: epoch and version are required (got %q, %d)", p.GetEpoch(), p.GetVersion())
 	}
-	next := &heldConfig{epoch: p.GetEpoch(), version: p.GetVersion()}
+	if g := p.GetGeneration(); g != 0 && g < cur.generation {
+		return nil, nil, fmt.Errorf("push %d: %w: generation %d is older than the %d held (a controller replica that lags)", p.GetVersion(), errOlder, g, cur.generation)
+	}
+	next := &heldConfig{epoch: p.GetEpoch(), version: p.GetVersion(), generation: max(p.GetGeneration(), cur.generation)}
 	ch := &changes{}
 	if p.GetFull() {
 		next.entries = make(map[api.Key]heldEntry, len(p.GetResources()))
@@ -397,7 +404,7 @@ func (h *heldConfig) snapshot() *api.Push {
 		}
 		return a.Namespace+"/"+a.Name < b.Namespace+"/"+b.Name
 	})
-	p := &api.Push{Epoch: h.epoch, Version: h.version, Full: true, Resources: make([]*api.Resource, 0, len(keys))}
+	p := &api.Push{Epoch: h.epoch, Version: h.version, Generation: h.generation, Full: true, Resources: make([]*api.Resource, 0, len(keys))}
 	for _, k := range keys {
 		p.Resources = append(p.Resources, h.entries[k].res)
 	}

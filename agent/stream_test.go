@@ -3,6 +3,7 @@ package agent
 import (
 	"bytes"
 	"context"
+	"errors"
 	"io"
 	"log/slog"
 	"net"
@@ -705,4 +706,24 @@ func FuzzStreamPush(f *testing.F) {
 			t.Fatalf("cache round trip: %d entries, want %d", len(again.entries), len(next.entries))
 		}
 	})
+}
+
+// A push from a controller replica that lags (a lower generation than the config held)
+// is refused: reconnecting to it never rolls a change back. Unordered pushes (generation
+// 0, a config directory) and newer ones apply.
+func TestStreamRefusesAnOlderGeneration(t *testing.T) {
+	cur := &heldConfig{epoch: "a", version: 3, generation: 100, entries: map[api.Key]heldEntry{}}
+	for _, tc := range []struct {
+		gen  uint64
+		ok   bool
+		want uint64
+	}{{90, false, 0}, {0, true, 100}, {100, true, 100}, {120, true, 120}} {
+		next, _, err := nextConfig(cur, &api.Push{Epoch: "b", Version: 1, Full: true, Generation: tc.gen}, policy.Options{})
+		if tc.ok != (err == nil) || !tc.ok && !errors.Is(err, errOlder) {
+			t.Fatalf("generation %d on top of 100: %v", tc.gen, err)
+		}
+		if tc.ok && next.generation != tc.want {
+			t.Fatalf("generation %d: holds %d, want %d", tc.gen, next.generation, tc.want)
+		}
+	}
 }

@@ -369,10 +369,15 @@ type Push struct {
 	// full: resources is the whole config; everything the agent holds and that is not in
 	// it is gone. Otherwise the push is a delta on top of base_version: resources are
 	// added or replaced, removed are deleted, everything else is unchanged.
-	Full          bool           `protobuf:"varint,3,opt,name=full,proto3" json:"full,omitempty"`
-	BaseVersion   uint64         `protobuf:"varint,4,opt,name=base_version,json=baseVersion,proto3" json:"base_version,omitempty"`
-	Resources     []*Resource    `protobuf:"bytes,5,rep,name=resources,proto3" json:"resources,omitempty"`
-	Removed       []*ResourceKey `protobuf:"bytes,6,rep,name=removed,proto3" json:"removed,omitempty"`
+	Full        bool           `protobuf:"varint,3,opt,name=full,proto3" json:"full,omitempty"`
+	BaseVersion uint64         `protobuf:"varint,4,opt,name=base_version,json=baseVersion,proto3" json:"base_version,omitempty"`
+	Resources   []*Resource    `protobuf:"bytes,5,rep,name=resources,proto3" json:"resources,omitempty"`
+	Removed     []*ResourceKey `protobuf:"bytes,6,rep,name=removed,proto3" json:"removed,omitempty"`
+	// generation orders configs across controller replicas: the newest API server revision
+	// (resourceVersion) the config reflects. An agent refuses a push whose generation is
+	// below the one it holds, so reconnecting to a lagging replica never rolls a change
+	// back. 0 means unordered (a config directory).
+	Generation    uint64 `protobuf:"varint,7,opt,name=generation,proto3" json:"generation,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -447,6 +452,13 @@ func (x *Push) GetRemoved() []*ResourceKey {
 		return x.Removed
 	}
 	return nil
+}
+
+func (x *Push) GetGeneration() uint64 {
+	if x != nil {
+		return x.Generation
+	}
+	return 0
 }
 
 // ResourceKey identifies a resource: kind, namespace (empty for a Namespace) and name.
@@ -1446,14 +1458,17 @@ const file_config_proto_rawDesc = "" +
 	"\aversion\x18\x01 \x01(\x04R\aversion\"8\n" +
 	"\x04Nack\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\x04R\aversion\x12\x16\n" +
-	"\x06reason\x18\x02 \x01(\tR\x06reason\"\xdc\x01\n" +
+	"\x06reason\x18\x02 \x01(\tR\x06reason\"\xfc\x01\n" +
 	"\x04Push\x12\x14\n" +
 	"\x05epoch\x18\x01 \x01(\tR\x05epoch\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\x04R\aversion\x12\x12\n" +
 	"\x04full\x18\x03 \x01(\bR\x04full\x12!\n" +
 	"\fbase_version\x18\x04 \x01(\x04R\vbaseVersion\x126\n" +
 	"\tresources\x18\x05 \x03(\v2\x18.veil.config.v1.ResourceR\tresources\x125\n" +
-	"\aremoved\x18\x06 \x03(\v2\x1b.veil.config.v1.ResourceKeyR\aremoved\"i\n" +
+	"\aremoved\x18\x06 \x03(\v2\x1b.veil.config.v1.ResourceKeyR\aremoved\x12\x1e\n" +
+	"\n" +
+	"generation\x18\a \x01(\x04R\n" +
+	"generation\"i\n" +
 	"\vResourceKey\x12(\n" +
 	"\x04kind\x18\x01 \x01(\x0e2\x14.veil.config.v1.KindR\x04kind\x12\x1c\n" +
 	"\tnamespace\x18\x02 \x01(\tR\tnamespace\x12\x12\n" +

@@ -7,12 +7,15 @@ import (
 	"fmt"
 	"log/slog"
 	"sort"
+	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/veilmesh/veil/policy"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
@@ -71,6 +74,21 @@ func (k *KubeSource) Run(ctx context.Context, update func(*Config)) error {
 		return fmt.Errorf("controller: kubernetes client: %w", err)
 	}
 	changed := make(chan struct{}, 1)
+	// generation is the newest API server revision seen in any event: adds, updates and
+	// deletes (a delete event carries the revision of the deletion). Revisions are global
+	// and grow, so a replica that has seen a change another has not is ahead of it.
+	var generation atomic.Uint64
+	seen := func(o any) {
+		if d, ok := o.(cache.DeletedFinalStateUnknown); ok {
+			o = d.Obj
+		}
+		if m, ok := o.(metav1.Object); ok {
+			if rv, err := strconv.ParseUint(m.GetResourceVersion(), 10, 64); err == nil {
+				for cur := generation.Load(); rv > cur && !generation.CompareAndSwap(cur, rv); cur = generation.Load() {
+				}
+			}
+		}
+	}
 	kick := func() {
 		select {
 		case changed <- struct{}{}:
@@ -78,9 +96,9 @@ func (k *KubeSource) Run(ctx context.Context, update func(*Config)) error {
 		}
 	}
 	handler := cache.ResourceEventHandlerFuncs{
-		AddFunc:    func(any) { kick() },
-		UpdateFunc: func(any, any) { kick() },
-		DeleteFunc: func(any) { kick() },
+		AddFunc:    func(o any) { seen(o); kick() },
+		UpdateFunc: func(_, o any) { seen(o); kick() },
+		DeleteFunc: func(o any) { seen(o); kick() },
 	}
 	factory := informers.NewSharedInformerFactory(cs, 0)
 	typed := []struct {
@@ -138,6 +156,7 @@ func (k *KubeSource) Run(ctx context.Context, update func(*Config)) error {
 		}
 		sort.Slice(docs, func(i, j int) bool { return docs[i].name < docs[j].name })
 		cfg, err := loader.loadDocs(docs)
+		cfg.Generation = generation.Load()
 		if err != nil {
 			log.Warn("config: objects left out or kept at their last good version", "errors", len(unjoin(err)), "err", err)
 		}

@@ -139,13 +139,21 @@ spec: {mtls: {mode: STRICT}}
 		t.Fatalf("policy %v", c.Policies[0].Kind)
 	}
 
-	t.Run("updates and deletes reach the config", func(t *testing.T) {
+	t.Run("updates and deletes reach the config, each with a newer generation", func(t *testing.T) {
+		g0 := c.Generation
+		if g0 == 0 {
+			t.Fatal("a config from the API server has no generation")
+		}
 		newPod("reviews-2", "node-1", "10.1.1.10")
-		wait("the second pod", hasPod("reviews-2", "10.1.1.10"))
+		c1 := wait("the second pod", hasPod("reviews-2", "10.1.1.10"))
 		if err := cs.CoreV1().Pods("bookinfo").Delete(ctx, "reviews-2", metav1.DeleteOptions{GracePeriodSeconds: new(int64)}); err != nil {
 			t.Fatal(err)
 		}
-		wait("the second pod deleted", noPod("reviews-2"))
+		c2 := wait("the second pod deleted", noPod("reviews-2"))
+		// A delete is a change too: a replica that has not seen it must rank below.
+		if !(g0 < c1.Generation && c1.Generation < c2.Generation) {
+			t.Fatalf("generations %d, %d, %d: want them growing with each change", g0, c1.Generation, c2.Generation)
+		}
 		kc.Kubectl(t, "delete", "-f", policyFile)
 		wait("the policy deleted", func(c *Config) bool { return len(c.Policies) == 0 })
 	})

@@ -16,6 +16,9 @@ import (
 type Config struct {
 	Cluster  *cluster.State
 	Policies []*policy.Object
+	// Generation orders configs across controller replicas (api.Push.generation): the
+	// newest API server revision the config reflects; 0 for an unordered source.
+	Generation uint64
 }
 
 // A Source produces the config. Run calls update with the whole config once it has read

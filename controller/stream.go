@@ -77,8 +77,9 @@ type ConfigServer struct {
 
 // configVersion is one version of the config. It is immutable once published.
 type configVersion struct {
-	version   uint64
-	resources map[api.Key]*entry
+	version    uint64
+	generation uint64
+	resources  map[api.Key]*entry
 }
 
 type entry struct {
@@ -161,9 +162,10 @@ func (s *ConfigServer) Set(cfg *Config) (uint64, error) {
 		}
 	}
 	if len(keys) == 0 && s.cur.version > 0 {
+		s.cur.generation = max(s.cur.generation, cfg.Generation)
 		return s.cur.version, errors.Join(errs...)
 	}
-	v := &configVersion{version: s.cur.version + 1, resources: next}
+	v := &configVersion{version: s.cur.version + 1, generation: max(s.cur.generation, cfg.Generation), resources: next}
 	history := s.History
 	if history <= 0 {
 		history = DefaultHistory
@@ -277,7 +279,7 @@ func (s *ConfigServer) push(has uint64) (*api.Push, <-chan struct{}) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	cur := s.cur
-	p := &api.Push{Epoch: s.epoch, Version: cur.version}
+	p := &api.Push{Epoch: s.epoch, Version: cur.version, Generation: cur.generation}
 	delta := has > 0 && has <= cur.version && (has == cur.version || (len(s.changes) > 0 && s.changes[0].version <= has+1))
 	if !delta {
 		p.Full = true
