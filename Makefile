@@ -6,7 +6,7 @@ PKGS     ?= ./...
 BENCHTIME ?= 1s
 BIN      := bin
 
-.PHONY: all build generate check-generate test unit interop kube-build check fmt fmt-check vet bench bench-path fuzz demo deps-demo deps-test clean help
+.PHONY: all build generate check-generate test unit interop kube-build images images-test check fmt fmt-check vet bench bench-path fuzz demo deps-demo deps-test clean help
 
 all: build
 
@@ -31,13 +31,19 @@ generate: ## regenerate committed generated code (bpf2go, protoc)
 check-generate: ## fail if committed generated code is stale (api always; bpf where the recorded clang is present, and always in CI)
 	./scripts/check-generate.sh
 
-test: deps-test kube-build check check-generate unit interop ## the README's test command: installs what is missing, gofmt check, go vet, generated code current, all tests
+test: deps-test kube-build check check-generate unit interop images-test ## the README's test command: installs what is missing, gofmt check, go vet, generated code current, all tests
 
 kube-build: ## build (once; cached in ~/.cache/veil) the kube-apiserver and kubectl the Kubernetes tests run
 	@./scripts/kube-build.sh >/dev/null
 
 unit: ## go test every package (privileged tests need root)
 	$(GO) test -count=1 -timeout 30m $(PKGS)
+
+images: ## OCI image archives of the static binaries on an empty base (bin/images/*.tar: docker load, kind load image-archive), without a Docker engine
+	cd deploy/images && $(GO) run . -out $(abspath $(BIN))/images -tag $${TAG:-dev}
+
+images-test: ## build the image archives into a temporary directory and check them
+	cd deploy/images && $(GO) test -count=1 -timeout 20m ./...
 
 interop: ## interop tests against Istio's own Go code (HBONE both ways, Istio's CA client); a module of its own, interop/
 	cd interop && $(GO) test -count=1 ./...

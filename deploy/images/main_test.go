@@ -1,0 +1,51 @@
+package main
+
+import (
+	"archive/tar"
+	"io"
+	"path/filepath"
+	"testing"
+
+	"github.com/google/go-containerregistry/pkg/name"
+	"github.com/google/go-containerregistry/pkg/v1/tarball"
+)
+
+// The archives hold one image each, tagged, on an empty base: one layer with the static
+// binary at / and the entrypoint naming it.
+func TestImages(t *testing.T) {
+	out := t.TempDir()
+	if err := run("../..", out, "veil", "test"); err != nil {
+		t.Fatal(err)
+	}
+	for _, im := range images {
+		tag, _ := name.NewTag("veil/" + im.binary + ":test")
+		img, err := tarball.ImageFromPath(filepath.Join(out, im.binary+".tar"), &tag)
+		if err != nil {
+			t.Fatalf("%s: %v", im.binary, err)
+		}
+		cf, err := img.ConfigFile()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(cf.Config.Entrypoint) != 1 || cf.Config.Entrypoint[0] != "/"+im.binary || cf.Config.User != im.user || cf.OS != "linux" {
+			t.Fatalf("%s: config %+v", im.binary, cf.Config)
+		}
+		layers, err := img.Layers()
+		if err != nil || len(layers) != 1 {
+			t.Fatalf("%s: %d layers, %v", im.binary, len(layers), err)
+		}
+		rc, err := layers[0].Uncompressed()
+		if err != nil {
+			t.Fatal(err)
+		}
+		tr := tar.NewReader(rc)
+		h, err := tr.Next()
+		if err != nil || h.Name != im.binary || h.Mode != 0o755 || h.Size < 1<<20 {
+			t.Fatalf("%s: layer entry %+v, %v", im.binary, h, err)
+		}
+		if _, err := tr.Next(); err != io.EOF {
+			t.Fatalf("%s: more than the binary in the layer", im.binary)
+		}
+		rc.Close()
+	}
+}
