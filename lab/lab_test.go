@@ -45,14 +45,21 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-func upLab(t *testing.T) *Lab {
+// requireRoot skips a kernel test without root, except in CI, where it fails: CI runs as
+// root, so a skip there would hide the test.
+func requireRoot(t *testing.T) {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		if os.Getenv("CI") != "" {
-			t.Fatal("CI must run the kernel tests as root: " + "needs root (network namespaces, eBPF); CI runs it as root")
+			t.Fatal("CI must run the kernel tests as root: needs root (network namespaces, eBPF)")
 		}
 		t.Skip("needs root (network namespaces, eBPF); CI runs it as root")
 	}
+}
+
+func upLab(t *testing.T) *Lab {
+	t.Helper()
+	requireRoot(t)
 	spec := DefaultSpec()
 	b := make([]byte, 3)
 	rand.Read(b)
@@ -396,34 +403,26 @@ func sniffFabric(t *testing.T, l *Lab, marker []byte) (count func() int64, stop 
 
 func htons(v uint16) uint16 { return v<<8 | v>>8 }
 
-// TestKillNineNeverLeaksPlaintext: while marked requests flow from an enrolled pod to an
-// enrolled pod on the other node, both agents are killed (kill -9) and restarted, five
-// times: not one byte of marked payload crosses the fabric in plaintext. A request from
-// outside the mesh, in plaintext, is seen on the fabric: the sniffer works.
-func TestKillNineNeverLeaksPlaintext(t *testing.T) {
-	l := upLab(t)
-	ctx := context.Background()
-	marker := []byte("veil-marker-7f3a")
-	count, stop := sniffFabric(t, l, marker)
-	defer stop()
-	target := l.mustTarget(t, "reviews:9080")
-	request := func(from string) Outcome {
-		dctx, cancel := context.WithTimeout(ctx, time.Second)
-		c, err := l.DialFrom(dctx, from, target)
-		cancel()
-		if err != nil {
-			return Outcome{Result: "error: " + err.Error()}
-		}
-		defer c.Close()
-		c.SetDeadline(time.Now().Add(3 * time.Second))
-		fmt.Fprintf(c, "GET /%s HTTP/1.0\r\nHost: reviews\r\n\r\n", marker)
-		b, err := io.ReadAll(c)
-		if err != nil || !bytes.Contains(b, []byte(" 200 ")) {
-			return Outcome{Result: "failed"}
-		}
-		return Outcome{Result: "200"}
+// markedRequest sends one HTTP request whose path is marker from a pod to target, and
+// reports whether it was answered 200.
+func markedRequest(ctx context.Context, l *Lab, from, target string, marker []byte) bool {
+	dctx, cancel := context.WithTimeout(ctx, time.Second)
+	c, err := l.DialFrom(dctx, from, target)
+	cancel()
+	if err != nil {
+		return false
 	}
-	var sent atomic.Int64
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(3 * time.Second))
+	fmt.Fprintf(c, "GET /%s HTTP/1.0\r\nHost: reviews\r\n\r\n", marker)
+	b, err := io.ReadAll(c)
+	return err == nil && bytes.Contains(b, []byte(" 200 "))
+}
+
+// markedTraffic sends marked requests from a pod to target, one after another, until
+// stop; answered counts those answered 200.
+func markedTraffic(l *Lab, from, target string, marker []byte) (answered *atomic.Int64, stop func()) {
+	answered = new(atomic.Int64)
 	done := make(chan struct{})
 	var wg sync.WaitGroup
 	wg.Add(1)
@@ -435,28 +434,50 @@ func TestKillNineNeverLeaksPlaintext(t *testing.T) {
 				return
 			default:
 			}
-			if request("bookinfo/frontend").Result == "200" {
-				sent.Add(1)
+			if markedRequest(context.Background(), l, from, target, marker) {
+				answered.Add(1)
 			}
 		}
 	}()
+	var once sync.Once
+	return answered, func() { once.Do(func() { close(done); wg.Wait() }) }
+}
+
+// waitAnswered waits, up to limit, for n more answered requests, or fails with why.
+func waitAnswered(t *testing.T, answered *atomic.Int64, n int64, limit time.Duration, why string) {
+	t.Helper()
+	before := answered.Load()
+	for deadline := time.Now().Add(limit); answered.Load() < before+n; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal(why)
+		}
+	}
+}
+
+// TestKillNineNeverLeaksPlaintext: while marked requests flow from an enrolled pod to an
+// enrolled pod on the other node, both agents are killed (kill -9) and restarted, five
+// times: not one byte of marked payload crosses the fabric in plaintext. A request from
+// outside the mesh, in plaintext, is seen on the fabric: the sniffer works.
+func TestKillNineNeverLeaksPlaintext(t *testing.T) {
+	l := upLab(t)
+	ctx := context.Background()
+	marker := []byte("veil-marker-7f3a")
+	count, stop := sniffFabric(t, l, marker)
+	defer stop()
+	target := l.mustTarget(t, "reviews:9080")
+	sent, stopTraffic := markedTraffic(l, "bookinfo/frontend", target, marker)
+	defer stopTraffic()
 	for i := 0; i < 5; i++ {
 		for _, node := range []string{"node-1", "node-2"} {
 			// Marked traffic flows before each kill.
-			before := sent.Load()
-			for deadline := time.Now().Add(10 * time.Second); sent.Load() < before+20; time.Sleep(10 * time.Millisecond) {
-				if time.Now().After(deadline) {
-					t.Fatalf("cycle %d, %s: marked requests stopped flowing", i, node)
-				}
-			}
+			waitAnswered(t, sent, 20, 10*time.Second, fmt.Sprintf("cycle %d, %s: marked requests stopped flowing", i, node))
 			if err := l.RestartAgent(ctx, node, true); err != nil {
 				t.Fatal(err)
 			}
 		}
 	}
 	time.Sleep(200 * time.Millisecond)
-	close(done)
-	wg.Wait()
+	stopTraffic()
 	time.Sleep(200 * time.Millisecond)
 	if n := count(); n != 0 {
 		t.Fatalf("%d frames on the fabric carried the marker in plaintext (of %d requests answered)", n, sent.Load())
@@ -465,8 +486,8 @@ func TestKillNineNeverLeaksPlaintext(t *testing.T) {
 		t.Fatal("no marked request got through at all")
 	}
 	// The positive control: plaintext from outside the mesh shows on the fabric.
-	if got := request("legacy/sleep"); got.Result != "200" {
-		t.Fatalf("legacy/sleep -> reviews: %s", got.Result)
+	if !markedRequest(ctx, l, "legacy/sleep", target, marker) {
+		t.Fatal("legacy/sleep -> reviews: no 200")
 	}
 	time.Sleep(200 * time.Millisecond)
 	if count() == 0 {
@@ -731,12 +752,7 @@ func buildRelease(t *testing.T, commit string) string {
 // connections wait meanwhile (fail closed), marked traffic never crosses the fabric in
 // plaintext, and enrolled pods reach each other through the new agents afterwards.
 func TestUpgradeFromPreviousRelease(t *testing.T) {
-	if os.Geteuid() != 0 {
-		if os.Getenv("CI") != "" {
-			t.Fatal("CI must run the kernel tests as root")
-		}
-		t.Skip("needs root (network namespaces, eBPF); CI runs it as root")
-	}
+	requireRoot(t)
 	old := buildRelease(t, previousRelease)
 	b := make([]byte, 3)
 	rand.Read(b)
@@ -760,45 +776,15 @@ func TestUpgradeFromPreviousRelease(t *testing.T) {
 	count, stop := sniffFabric(t, l, marker)
 	defer stop()
 	target := l.mustTarget(t, "reviews:9080")
-	var answered atomic.Int64
-	done := make(chan struct{})
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			select {
-			case <-done:
-				return
-			default:
-			}
-			dctx, cancel := context.WithTimeout(ctx, time.Second)
-			c, err := l.DialFrom(dctx, "bookinfo/frontend", target)
-			cancel()
-			if err != nil {
-				continue
-			}
-			c.SetDeadline(time.Now().Add(3 * time.Second))
-			fmt.Fprintf(c, "GET /%s HTTP/1.0\r\nHost: reviews\r\n\r\n", marker)
-			if b, err := io.ReadAll(c); err == nil && bytes.Contains(b, []byte(" 200 ")) {
-				answered.Add(1)
-			}
-			c.Close()
-		}
-	}()
+	answered, stopTraffic := markedTraffic(l, "bookinfo/frontend", target, marker)
+	defer stopTraffic()
 	for _, node := range []string{"node-1", "node-2"} {
 		if err := l.RestartAgent(ctx, node, true); err != nil {
 			t.Fatalf("upgrade the agent of %s: %v", node, err)
 		}
 	}
-	before := answered.Load()
-	for deadline := time.Now().Add(20 * time.Second); answered.Load() < before+20; time.Sleep(20 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatal("marked requests do not flow through the upgraded agents")
-		}
-	}
-	close(done)
-	wg.Wait()
+	waitAnswered(t, answered, 20, 20*time.Second, "marked requests do not flow through the upgraded agents")
+	stopTraffic()
 	time.Sleep(200 * time.Millisecond)
 	if n := count(); n != 0 {
 		t.Fatalf("%d frames of marked plaintext crossed the fabric during the upgrade", n)
