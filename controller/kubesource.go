@@ -8,7 +8,6 @@ import (
 	"log/slog"
 	"sort"
 	"strconv"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -136,11 +135,8 @@ func (k *KubeSource) Run(ctx context.Context, update func(*Config)) error {
 	if !cache.WaitForCacheSync(ctx.Done(), synced...) {
 		return ctx.Err()
 	}
-	loader := &DirSource{Policy: k.Policy}
-	var mu sync.Mutex // serialises loads (Run is the only caller; the lock documents it)
+	loader := &DirSource{Policy: k.Policy} // used from this goroutine only
 	rebuild := func() {
-		mu.Lock()
-		defer mu.Unlock()
 		var docs []doc
 		for _, t := range typed {
 			for _, o := range t.inf.GetStore().List() {

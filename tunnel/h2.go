@@ -1006,12 +1006,8 @@ func (c *h2Conn) credit(s *Stream, n int64) {
 		return
 	}
 	c.mu.Lock()
-	var connInc, streamInc int64
-	c.recvUnacked += n
-	if c.recvUnacked >= int64(c.cfg.connWindow)/4 {
-		connInc, c.recvUnacked = c.recvUnacked, 0
-		c.recvWindow += connInc
-	}
+	var streamInc int64
+	connInc := c.connCreditLocked(n)
 	var id uint32
 	if s != nil && c.streams[s.id] == s && !s.recvClosed {
 		s.recvUnacked += n
@@ -1034,6 +1030,20 @@ func (c *h2Conn) credit(s *Stream, n int64) {
 		}
 	})
 	c.kick()
+}
+
+// connCreditLocked records n consumed bytes of the connection's receive window and
+// returns the WINDOW_UPDATE increment due now: the whole debt once it reaches a quarter of
+// the window, else 0. c.mu is held.
+func (c *h2Conn) connCreditLocked(n int64) int64 {
+	c.recvUnacked += n
+	if c.recvUnacked < int64(c.cfg.connWindow)/4 {
+		return 0
+	}
+	inc := c.recvUnacked
+	c.recvUnacked = 0
+	c.recvWindow += inc
+	return inc
 }
 
 // --- streams ---
@@ -1203,11 +1213,7 @@ func (s *Stream) failLocked(err error) {
 		s.recv.reset()
 		s.pendingCredit = 0
 		if !c.closed {
-			c.recvUnacked += n
-			if c.recvUnacked >= int64(c.cfg.connWindow)/4 {
-				inc := c.recvUnacked
-				c.recvUnacked = 0
-				c.recvWindow += inc
+			if inc := c.connCreditLocked(n); inc > 0 {
 				c.queue(func(fr *http2.Framer) { fr.WriteWindowUpdate(0, uint32(inc)) })
 				defer c.kick()
 			}
