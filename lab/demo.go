@@ -49,7 +49,9 @@ func (l *Lab) Request(ctx context.Context, from, addr string) Outcome {
 	if err != nil {
 		var ne net.Error
 		switch {
-		case errors.Is(err, syscall.ECONNRESET), errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF):
+		case errors.Is(err, syscall.ECONNRESET), errors.Is(err, syscall.EPIPE),
+			errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF):
+			// EPIPE: the reset arrived before the request was written.
 			return Outcome{Result: "reset"}
 		case errors.As(err, &ne) && ne.Timeout():
 			return Outcome{Result: "timeout"}

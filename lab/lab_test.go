@@ -157,8 +157,15 @@ func TestResilience(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// Each step starts from the state the one before left: after a failure the rest
+	// would only report that state.
+	step := func(name string, f func(t *testing.T)) {
+		if !t.Run(name, f) {
+			t.FailNow()
+		}
+	}
 
-	t.Run("policy change reaches new connections in under a second and closes denied ones", func(t *testing.T) {
+	step("policy change reaches new connections in under a second and closes denied ones", func(t *testing.T) {
 		// A plaintext connection from outside the mesh, held open.
 		held, err := l.DialFrom(ctx, "legacy/sleep", l.mustTarget(t, "reviews:9080"))
 		if err != nil {
@@ -199,7 +206,7 @@ func TestResilience(t *testing.T) {
 		l.want(t, "bookinfo/productpage", "reviews:9080", "200")
 	})
 
-	t.Run("bad policy YAML is refused and the previous policy stays in force", func(t *testing.T) {
+	step("bad policy YAML is refused and the previous policy stays in force", func(t *testing.T) {
 		bad := strings.Replace(string(strict), "mode: STRICT", "mode: STRCT", 1)
 		err := l.Apply("strict.yaml", []byte(bad))
 		if err == nil || !strings.Contains(err.Error(), "bookinfo/default") || !strings.Contains(err.Error(), "spec.mtls.mode") {
@@ -217,7 +224,7 @@ func TestResilience(t *testing.T) {
 		}
 	})
 
-	t.Run("controller killed: traffic and policy keep working, a restarted agent uses its cache", func(t *testing.T) {
+	step("controller killed: traffic and policy keep working, a restarted agent uses its cache", func(t *testing.T) {
 		if err := l.StopController(); err != nil {
 			t.Fatal(err)
 		}
@@ -244,7 +251,7 @@ func TestResilience(t *testing.T) {
 		}
 	})
 
-	t.Run("agent killed: no plaintext leak; restarted: capture resumes", func(t *testing.T) {
+	step("agent killed: no plaintext leak; restarted: capture resumes", func(t *testing.T) {
 		if err := l.Delete("strict.yaml"); err != nil {
 			t.Fatal(err)
 		}
