@@ -54,8 +54,12 @@ type Options struct {
 	// Capture, when set, is the eBPF capture: the agent attaches it to local pods'
 	// veths, enrolls the enrolled ones, registers its listeners, and exports its counters.
 	Capture Capture
-	// PodLink finds a local pod's veth. Default RouteLink.
+	// PodLink finds a local pod's veth for pods the CNI plugin did not enroll (those that
+	// started before the agent, or clusters without the plugin). Default: a NetnsLinks.
 	PodLink PodLink
+	// CNIStateDir keeps the pods the CNI plugin enrolled (CNIAdd) until the controller's
+	// config lists them, across restarts. Empty: kept in memory only.
+	CNIStateDir string
 	// Inherited are listeners taken over from a running agent (internal/handover), by
 	// name: "outbound", "plaintext", "hbone". A listener named here is served instead of
 	// a new one at its address.
@@ -102,6 +106,10 @@ type Agent struct {
 	updateMu        sync.Mutex
 	policyWorkloads map[policy.WorkloadKey]bool
 	capture         captured
+	// lastState is the controller's (or the cache's) last state; cniPods are the pods
+	// the CNI plugin enrolled, by UID. The view is the two merged (mergeCNI).
+	lastState *cluster.State
+	cniPods   map[string]*cniPod
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -149,7 +157,7 @@ func New(opts Options) (*Agent, error) {
 		opts.Log = slog.Default()
 	}
 	if opts.PodLink == nil {
-		opts.PodLink = RouteLink
+		opts.PodLink = (&NetnsLinks{}).Link
 	}
 	if opts.MaxConnections <= 0 {
 		opts.MaxConnections = defaultMaxConnections
@@ -166,7 +174,8 @@ func New(opts Options) (*Agent, error) {
 		limit: &connLimit{max: opts.MaxConnections, perSource: opts.MaxConnectionsPerSource}}
 	a.store.Options = opts.Policy
 	a.ctx, a.cancel = context.WithCancel(context.Background())
-	a.view.Store(newView(&cluster.State{Namespaces: map[string]*cluster.Namespace{}}, opts.Node, opts.TrustDomain))
+	a.view.Store(newView(&cluster.State{Namespaces: map[string]*cluster.Namespace{}}, opts.Node, opts.TrustDomain, nil))
+	a.loadCNIPods()
 	a.pool = &tunnel.Pool{
 		TLSConfig: a.clientTLS,
 		Dial: func(ctx context.Context, _, addr string) (net.Conn, error) {
@@ -194,7 +203,14 @@ func (a *Agent) Registry() *prometheus.Registry { return a.opts.Registry }
 func (a *Agent) Update(st *cluster.State) {
 	a.updateMu.Lock()
 	defer a.updateMu.Unlock()
-	v := newView(st, a.opts.Node, a.opts.TrustDomain)
+	a.lastState = st
+	a.rebuild()
+}
+
+// apply makes st (with the pods whose enrollment the CNI decided) the agent's view.
+// Called with updateMu held.
+func (a *Agent) apply(st *cluster.State, cniEnrolled map[podKey]bool) {
+	v := newView(st, a.opts.Node, a.opts.TrustDomain, cniEnrolled)
 	ws := policyWorkloads(st)
 	seen := map[policy.WorkloadKey]bool{}
 	for _, w := range ws {

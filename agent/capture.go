@@ -8,8 +8,6 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/veilmesh/veil/bpf"
-	"github.com/vishvananda/netlink"
-	"golang.org/x/sys/unix"
 )
 
 // Capture is the eBPF capture as the agent drives it; *bpf.Capture implements it.
@@ -25,41 +23,8 @@ type Capture interface {
 	List() ([]bpf.Pod, error)
 }
 
-// PodLink returns the index of the node-side interface that reaches a local pod's
-// address: with a routed CNI, its veth.
+// PodLink returns the index of a local pod's node-side veth, given the pod's address.
 type PodLink func(ip netip.Addr) (ifindex int, err error)
-
-// RouteLink is the default PodLink, for routed CNIs (kindnet, Calico): the pod's
-// interface is the veth its host route (/32 or /128) leaves through. Only an exact host
-// route counts, never a covering one: when a pod's route is missing (after a reboot, a pod
-// deleted while the agent was down) a route lookup answers with the uplink, and the sync
-// would put pod programs on the uplink and later take the uplink's own capture away.
-func RouteLink(ip netip.Addr) (int, error) {
-	bits := 32
-	if ip.Is6() {
-		bits = 128
-	}
-	dst := &net.IPNet{IP: ip.AsSlice(), Mask: net.CIDRMask(bits, bits)}
-	routes, err := netlink.RouteListFiltered(netlink.FAMILY_ALL, &netlink.Route{Dst: dst, Table: unix.RT_TABLE_MAIN},
-		netlink.RT_FILTER_DST|netlink.RT_FILTER_TABLE)
-	if err != nil {
-		return 0, fmt.Errorf("host route to %s: %w", ip, err)
-	}
-	for _, r := range routes {
-		if r.LinkIndex <= 0 {
-			continue
-		}
-		link, err := netlink.LinkByIndex(r.LinkIndex)
-		if err != nil {
-			return 0, fmt.Errorf("host route to %s: interface %d: %w", ip, r.LinkIndex, err)
-		}
-		if link.Type() != "veth" {
-			return 0, fmt.Errorf("host route to %s leaves through %s (%s), not a veth", ip, link.Attrs().Name, link.Type())
-		}
-		return r.LinkIndex, nil
-	}
-	return 0, fmt.Errorf("no host route to %s (%s): not a pod's veth", ip, dst)
-}
 
 // captured is what the agent has put into the capture, by pod.
 type captured struct {
@@ -93,7 +58,11 @@ func (a *Agent) syncCapture(v *view) {
 		k := podKey{w.pod.Namespace, w.pod.Name}
 		// Asked every time, not cached: a pod recreated under its old name (and maybe its
 		// old address) has a new veth.
-		idx, err := a.opts.PodLink(w.pod.IPs[0])
+		idx, ok := a.cniLink(w)
+		var err error
+		if !ok {
+			idx, err = a.opts.PodLink(w.pod.IPs[0])
+		}
 		if err != nil {
 			// Not knowing the interface now is no evidence the pod left: what is in
 			// force for it stays (its veth keeps the programs, the pod stays enrolled).

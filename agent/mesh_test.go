@@ -145,8 +145,9 @@ func newTestMesh(t *testing.T, withCapture ...bool) *testMesh {
 		}
 		if capture {
 			opts.Capture = loadCapture(t, ns, map[string]string{"node-1": "up1", "node-2": "up2"}[node])
+			links := &NetnsLinks{}
 			opts.PodLink = func(ip netip.Addr) (idx int, err error) {
-				err = ns.do(func() (err error) { idx, err = RouteLink(ip); return err })
+				err = ns.do(func() (err error) { idx, err = links.Link(ip); return err })
 				return idx, err
 			}
 		}

@@ -46,7 +46,9 @@ type view struct {
 	conflicts []netip.Addr
 }
 
-func newView(st *cluster.State, node string, td spiffeid.TrustDomain) *view {
+// newView builds the view of st for node; the pods in cniEnrolled are enrolled whatever
+// their labels say (the CNI plugin decided from the API server's labels, newer than st).
+func newView(st *cluster.State, node string, td spiffeid.TrustDomain, cniEnrolled map[podKey]bool) *view {
 	v := &view{state: st, byIP: map[netip.Addr]*workload{}, vips: map[netip.Addr]*service{}, nodeIDs: map[netip.Addr]map[spiffeid.ID]bool{}}
 	conflicts := map[netip.Addr]bool{}
 	for _, p := range st.Pods {
@@ -57,7 +59,7 @@ func newView(st *cluster.State, node string, td spiffeid.TrustDomain) *view {
 		if err != nil {
 			continue // a name that cannot be an identity cannot be in the mesh
 		}
-		w := &workload{pod: p, id: id, enrolled: st.Enrolled(p), local: p.Node == node}
+		w := &workload{pod: p, id: id, enrolled: st.Enrolled(p) || cniEnrolled[podKey{p.Namespace, p.Name}], local: p.Node == node}
 		for _, h := range p.HostIPs {
 			if v.nodeIDs[h] == nil {
 				v.nodeIDs[h] = map[spiffeid.ID]bool{}

@@ -35,7 +35,7 @@ status: {podIP: 10.77.1.11}
 	if len(errs) > 0 {
 		t.Fatal(errs)
 	}
-	v := newView(st, "node-1", spiffeid.RequireTrustDomainFromString("cluster.local"))
+	v := newView(st, "node-1", spiffeid.RequireTrustDomainFromString("cluster.local"), nil)
 	if w := v.byIP[netip.MustParseAddr("10.77.1.10")]; w != nil {
 		t.Fatalf("the contested address resolves to %s", w)
 	}

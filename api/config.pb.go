@@ -933,7 +933,9 @@ type Workload struct {
 	// ports are the containers' declared port numbers (1-65535).
 	Ports []uint32 `protobuf:"varint,13,rep,packed,name=ports,proto3" json:"ports,omitempty"`
 	// host_ips are the node's addresses (status.hostIPs), 4 or 16 bytes each.
-	HostIps       [][]byte `protobuf:"bytes,14,rep,name=host_ips,json=hostIps,proto3" json:"host_ips,omitempty"`
+	HostIps [][]byte `protobuf:"bytes,14,rep,name=host_ips,json=hostIps,proto3" json:"host_ips,omitempty"`
+	// metadata.uid: tells the pod from an earlier one of the same name.
+	Uid           string `protobuf:"bytes,15,opt,name=uid,proto3" json:"uid,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1064,6 +1066,13 @@ func (x *Workload) GetHostIps() [][]byte {
 		return x.HostIps
 	}
 	return nil
+}
+
+func (x *Workload) GetUid() string {
+	if x != nil {
+		return x.Uid
+	}
+	return ""
 }
 
 // Service is a core/v1 Service.
@@ -1500,7 +1509,7 @@ const file_config_proto_rawDesc = "" +
 	"\x06labels\x18\x02 \x03(\v2%.veil.config.v1.Namespace.LabelsEntryR\x06labels\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xb9\x05\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xcb\x05\n" +
 	"\bWorkload\x12\x1c\n" +
 	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12'\n" +
@@ -1517,7 +1526,8 @@ const file_config_proto_rawDesc = "" +
 	"\benrolled\x18\v \x01(\bR\benrolled\x12\x16\n" +
 	"\x06source\x18\f \x01(\tR\x06source\x12\x14\n" +
 	"\x05ports\x18\r \x03(\rR\x05ports\x12\x19\n" +
-	"\bhost_ips\x18\x0e \x03(\fR\ahostIps\x1a9\n" +
+	"\bhost_ips\x18\x0e \x03(\fR\ahostIps\x12\x10\n" +
+	"\x03uid\x18\x0f \x01(\tR\x03uid\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\x1a>\n" +

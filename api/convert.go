@@ -199,6 +199,7 @@ func decodeWorkload(w *Workload) (*cluster.Pod, error) {
 	p := &cluster.Pod{
 		Namespace:      w.GetNamespace(),
 		Name:           w.GetName(),
+		UID:            w.GetUid(),
 		ServiceAccount: w.GetServiceAccount(),
 		Node:           w.GetNode(),
 		Labels:         w.GetLabels(),
@@ -332,6 +333,7 @@ func WorkloadResource(st *cluster.State, p *cluster.Pod) *Resource {
 	w := &Workload{
 		Namespace:      p.Namespace,
 		Name:           p.Name,
+		Uid:            p.UID,
 		ServiceAccount: p.ServiceAccount,
 		Node:           p.Node,
 		Labels:         p.Labels,

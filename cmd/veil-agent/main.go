@@ -76,7 +76,15 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		handoverDir   = fs.String("handover-dir", "/var/run/veil", "directory (root only) of the unix socket through which a new agent takes the running one's listeners over")
 		ztunnelSocket = fs.String("ztunnel-socket", "/var/run/ztunnel/ztunnel.sock", "the socket through which Istio's CNI hands pods to ztunnel: when something serves it, ztunnel captures this node's ambient pods and veil refuses to capture them too; empty skips the check")
 		drainGrace    = fs.Duration("drain-grace", 29*time.Second, "how long a stopping or replaced agent lets the connections it holds finish (the DaemonSet's grace period minus 1s)")
+		cni           cniOptions
 	)
+	fs.StringVar(&cni.socket, "cni-socket", "", "root-only unix socket on which veil-cni hands new pods to this agent before their network comes up (e.g. /var/run/veil/cni.sock); empty serves none")
+	fs.StringVar(&cni.confDir, "cni-conf-dir", "", "the node's CNI configuration directory as mounted here (e.g. /host/etc/cni/net.d): veil-cni is chained into its first configuration and kept there; empty installs nothing")
+	fs.StringVar(&cni.binDir, "cni-bin-dir", "", "the node's CNI binary directory as mounted here (e.g. /host/opt/cni/bin): veil-cni, found beside this binary, is copied there")
+	fs.StringVar(&cni.hostConfDir, "cni-host-conf-dir", "/etc/cni/net.d", "--cni-conf-dir as the node sees it (the plugin's kubeconfig is named by that path)")
+	fs.StringVar(&cni.kubeconfig, "cni-kubeconfig", "", "kubeconfig the plugin reads pods and namespaces with, as the node sees it; empty: one written into --cni-conf-dir from this pod's service account and kept fresh")
+	fs.StringVar(&cni.uninstall, "cni-uninstall", "auto", "when stopping without a successor, remove veil-cni from the CNI configuration: auto (when the agents' DaemonSet is deleted), always, never")
+	fs.StringVar(&cni.daemonSet, "daemonset", "veil-agent", "the agents' DaemonSet in this pod's namespace (for --cni-uninstall=auto)")
 	fs.Var(&uplinks, "uplink", "interface through which other nodes' traffic arrives; repeatable (default: the interfaces of the default routes)")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -92,6 +100,14 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	if len(missing) > 0 {
 		return fmt.Errorf("required: %s", strings.Join(missing, ", "))
+	}
+	switch {
+	case cni.uninstall != "auto" && cni.uninstall != "always" && cni.uninstall != "never":
+		return fmt.Errorf("--cni-uninstall %q: must be auto, always or never", cni.uninstall)
+	case cni.confDir != "" && cni.socket == "":
+		return errors.New("--cni-conf-dir needs --cni-socket: the plugin it installs talks to the agent there")
+	case cni.socket != "" && !*capture:
+		return errors.New("--cni-socket needs the capture (--capture=false cannot enroll pods)")
 	}
 	var level slog.Level
 	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
@@ -203,6 +219,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		PlaintextAddr: *plaintextAddr,
 		HBONEAddr:     *hboneAddr,
 		Inherited:     inherited,
+		CNIStateDir:   filepath.Join(*handoverDir, "cni-pods"),
 		Log:           log,
 	})
 	if err != nil {
@@ -224,6 +241,22 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	defer a.Close()
+	// From here new pods can be enrolled before their network comes up.
+	if cni.socket != "" {
+		l, err := serveCNISocket(a, cni.socket)
+		if err != nil {
+			return err
+		}
+		defer l.Close()
+		log.Info("cni: serving veil-cni", "socket", cni.socket)
+	}
+	cniCtx, stopCNI := context.WithCancel(ctx)
+	defer stopCNI()
+	if cni.confDir != "" {
+		if err := installCNI(cniCtx, cni, log); err != nil {
+			return err
+		}
+	}
 	httpListeners := map[string]net.Listener{}
 
 	var wg sync.WaitGroup
@@ -253,12 +286,23 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	metrics := http.NewServeMux()
 	metrics.Handle("/metrics", a.MetricsHandler())
 	readyMux := http.NewServeMux()
+	// Ready once a config is in force (the controller's, or the cache's) and the node's
+	// enrolled pods have certificates: a DaemonSet surge waits for that before the old
+	// agent is stopped. The pid tells a restart which agent answers.
 	readyMux.HandleFunc("/healthz/ready", func(w http.ResponseWriter, r *http.Request) {
+		why := ""
+		if _, v := source.Version(); v == 0 {
+			why = "no config applied yet"
+		} else if pending := pendingCerts(certs.States()); len(pending) > 0 {
+			why = "waiting for certificates: " + strings.Join(pending, ", ")
+		}
 		if !ready.Load() {
-			http.Error(w, "not ready", http.StatusServiceUnavailable)
+			why = "starting or stopping"
+		}
+		if why != "" {
+			http.Error(w, fmt.Sprintf("waiting (pid %d): %s", os.Getpid(), why), http.StatusServiceUnavailable)
 			return
 		}
-		// The pid tells a restart which agent answers (the new one, after a handover).
 		fmt.Fprintf(w, "ready (pid %d)\n", os.Getpid())
 	})
 	if err := errors.Join(
@@ -304,8 +348,13 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	select {
 	case <-ctx.Done():
 		log.Info("stopping: draining the connections held", "grace", drainGrace.String())
+		stopCNI()
+		if cni.confDir != "" {
+			uninstallCNI(cni, log)
+		}
 	case <-handedOver:
 		log.Info("handover: a new agent took the listeners over; draining the connections held", "grace", drainGrace.String())
+		stopCNI()
 	}
 	ready.Store(false)
 	a.StopCapture()
@@ -320,4 +369,15 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	stopSource()
 	cancel()
 	return nil
+}
+
+// pendingCerts names the identities whose first certificate has not arrived.
+func pendingCerts(states []identity.CertState) []string {
+	var out []string
+	for _, s := range states {
+		if s.State == "pending" {
+			out = append(out, s.ID)
+		}
+	}
+	return out
 }

@@ -22,8 +22,11 @@ type Namespace struct {
 
 // Pod is what the data plane needs of a core/v1 Pod.
 type Pod struct {
-	Namespace      string
-	Name           string
+	Namespace string
+	Name      string
+	// UID is metadata.uid: it tells a pod from an earlier one of the same name (the CNI
+	// plugin enrolls pods by it). Empty in hand-written manifests.
+	UID            string
 	ServiceAccount string // "default" when the manifest names none
 	Node           string // spec.nodeName; empty while unscheduled
 	Labels         map[string]string

@@ -22,6 +22,7 @@ type object struct {
 	Metadata   struct {
 		Name        string            `json:"name"`
 		Namespace   string            `json:"namespace"`
+		UID         string            `json:"uid"`
 		Labels      map[string]string `json:"labels"`
 		Annotations map[string]string `json:"annotations"`
 	} `json:"metadata"`
@@ -193,6 +194,7 @@ func (st *State) addObject(src string, o *object) error {
 		p := &Pod{
 			Namespace:      o.Metadata.Namespace,
 			Name:           o.Metadata.Name,
+			UID:            o.Metadata.UID,
 			ServiceAccount: o.Spec.ServiceAccountName,
 			Node:           o.Spec.NodeName,
 			Labels:         o.Metadata.Labels,

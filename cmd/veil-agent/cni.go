@@ -1,0 +1,183 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/veilmesh/veil/agent"
+	"github.com/veilmesh/veil/internal/cniconf"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+)
+
+// cniOptions are the agent's flags for the veil-cni plugin.
+type cniOptions struct {
+	socket      string // the plugin's unix socket; "" serves none
+	confDir     string // the node's CNI configuration directory, as mounted here; "" installs nothing
+	binDir      string // the node's CNI binary directory, as mounted here
+	hostConfDir string // confDir as the node (and so the plugin) sees it
+	kubeconfig  string // a kubeconfig for the plugin, as the node sees it; "" writes one from the in-cluster account
+	uninstall   string // auto, always or never: remove the chained configuration when stopping without a successor
+	daemonSet   string // the agents' DaemonSet, for uninstall=auto
+}
+
+// serveCNISocket serves the plugin's requests on a root-only unix socket. The socket
+// is not unlinked on close: after a handover the path is the successor's.
+func serveCNISocket(a *agent.Agent, path string) (*net.UnixListener, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return nil, fmt.Errorf("--cni-socket: %w", err)
+	}
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("--cni-socket: %w", err)
+	}
+	l, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: path, Net: "unixpacket"})
+	if err != nil {
+		return nil, fmt.Errorf("--cni-socket: %w", err)
+	}
+	l.SetUnlinkOnClose(false)
+	if err := os.Chmod(path, 0o600); err != nil {
+		l.Close()
+		return nil, fmt.Errorf("--cni-socket: %w", err)
+	}
+	go a.ServeCNI(l)
+	return l, nil
+}
+
+// installCNI keeps veil-cni chained in the node's CNI configuration until ctx ends: it
+// copies the binary, keeps the plugin's kubeconfig current (the service-account token
+// rotates) and puts the entry back when the primary CNI rewrites its file.
+func installCNI(ctx context.Context, o cniOptions, log *slog.Logger) error {
+	if o.binDir != "" {
+		exe, err := os.Executable()
+		if err != nil {
+			return fmt.Errorf("--cni-bin-dir: %w", err)
+		}
+		if err := cniconf.CopyBinary(filepath.Join(filepath.Dir(exe), cniconf.PluginType), o.binDir); err != nil {
+			return fmt.Errorf("--cni-bin-dir %s: %w", o.binDir, err)
+		}
+	}
+	kubeconfig := o.kubeconfig
+	var refresh func() error
+	if kubeconfig == "" {
+		cfg, err := rest.InClusterConfig()
+		if err != nil {
+			return fmt.Errorf("--cni-conf-dir without --cni-kubeconfig needs the in-cluster service account: %w", err)
+		}
+		kubeconfig = filepath.Join(o.hostConfDir, "veil-cni.kubeconfig")
+		local := filepath.Join(o.confDir, "veil-cni.kubeconfig")
+		var last []byte
+		refresh = func() error {
+			ca, err := os.ReadFile(cfg.TLSClientConfig.CAFile)
+			if err != nil {
+				return err
+			}
+			token, err := os.ReadFile(cfg.BearerTokenFile)
+			if err != nil {
+				return err
+			}
+			b := cniconf.Kubeconfig(cfg.Host, ca, string(bytes.TrimSpace(token)))
+			if bytes.Equal(b, last) {
+				return nil
+			}
+			if err := cniconf.WriteFileAtomic(local, b, 0o600); err != nil {
+				return err
+			}
+			last = b
+			return nil
+		}
+		if err := refresh(); err != nil {
+			return fmt.Errorf("the plugin's kubeconfig: %w", err)
+		}
+	}
+	entry := map[string]any{"type": cniconf.PluginType, "agentSocket": o.socket, "kubeconfig": kubeconfig}
+	ensure := func() {
+		if refresh != nil {
+			if err := refresh(); err != nil {
+				log.Error("cni: cannot refresh the plugin's kubeconfig", "err", err)
+			}
+		}
+		path, changed, err := cniconf.Ensure(o.confDir, entry)
+		switch {
+		case err != nil:
+			log.Error("cni: cannot chain veil-cni into the node's CNI configuration; new mesh pods start uncaptured until it is", "dir", o.confDir, "err", err)
+		case path == "":
+			log.Warn("cni: no CNI configuration yet; waiting for the node's CNI to write one", "dir", o.confDir)
+		case changed:
+			log.Info("cni: veil-cni chained into the node's CNI configuration", "file", path)
+		}
+	}
+	ensure()
+	go func() {
+		t := time.NewTicker(5 * time.Second)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+				ensure()
+			}
+		}
+	}()
+	return nil
+}
+
+// uninstallCNI removes the chained configuration when the agents are being removed,
+// not restarted: with uninstall=auto, when the agents' DaemonSet is gone or being
+// deleted. A node whose agent merely stopped keeps it, and mesh pods wait for the next
+// agent rather than start outside the mesh.
+func uninstallCNI(o cniOptions, log *slog.Logger) {
+	remove := o.uninstall == "always"
+	if o.uninstall == "auto" {
+		var err error
+		if remove, err = daemonSetGone(o.daemonSet); err != nil {
+			log.Warn("cni: cannot tell whether the agents are being uninstalled; keeping veil-cni chained", "err", err)
+		}
+	}
+	if !remove {
+		return
+	}
+	changed, err := cniconf.Remove(o.confDir)
+	if err != nil {
+		log.Error("cni: cannot remove veil-cni from the node's CNI configuration", "dir", o.confDir, "err", err)
+	}
+	for _, f := range changed {
+		log.Info("cni: veil-cni removed from the node's CNI configuration", "file", f)
+	}
+}
+
+// daemonSetGone asks the API server whether the DaemonSet (in the agent's namespace) is
+// deleted or being deleted.
+func daemonSetGone(name string) (bool, error) {
+	cfg, err := rest.InClusterConfig()
+	if err != nil {
+		return false, err
+	}
+	ns, err := os.ReadFile("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+	if err != nil {
+		return false, err
+	}
+	client, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		return false, err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	ds, err := client.AppsV1().DaemonSets(string(bytes.TrimSpace(ns))).Get(ctx, name, metav1.GetOptions{})
+	if apierrors.IsNotFound(err) {
+		return true, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	return ds.DeletionTimestamp != nil, nil
+}
