@@ -15,7 +15,7 @@ import (
 
 func TestConvertRoundTrip(t *testing.T) {
 	st := &cluster.State{Namespaces: map[string]*cluster.Namespace{"bookinfo": {Name: "bookinfo", Labels: map[string]string{cluster.DataplaneModeLabel: "ambient"}}}}
-	pod := &cluster.Pod{Namespace: "bookinfo", Name: "reviews-v1", ServiceAccount: "reviews", Node: "node-1",
+	pod := &cluster.Pod{Namespace: "bookinfo", Name: "reviews-v1", UID: "0f8e2c1a-uid", ServiceAccount: "reviews", Node: "node-1",
 		Labels: map[string]string{"app": "reviews"}, Annotations: map[string]string{cluster.SidecarStatusAnnotation: "{}"},
 		IPs: []netip.Addr{netip.MustParseAddr("10.0.0.1"), netip.MustParseAddr("fd00::1")}, Ready: true,
 		Ports: []uint16{9080, 15090}, NamedPorts: map[string]uint16{"http": 9080}, Source: "pods.yaml#1"}
@@ -152,7 +152,7 @@ func TestWorkloadCarriesEveryPodField(t *testing.T) {
 		typ  reflect.Type
 		want string
 	}{
-		{reflect.TypeFor[cluster.Pod](), "Namespace Name ServiceAccount Node Labels Annotations IPs HostIPs HostNetwork Ports NamedPorts Ready Source"},
+		{reflect.TypeFor[cluster.Pod](), "Namespace Name UID ServiceAccount Node Labels Annotations IPs HostIPs HostNetwork Ports NamedPorts Ready Source"},
 		{reflect.TypeFor[cluster.Service](), "Namespace Name Labels ClusterIPs Selector Ports Source"},
 		{reflect.TypeFor[cluster.ServicePort](), "Name Protocol Port TargetPort TargetName"},
 		{reflect.TypeFor[cluster.Namespace](), "Name Labels"},

@@ -121,9 +121,6 @@ func TestAgentFetchesCertificatesOfItsPods(t *testing.T) {
 		b, _ := io.ReadAll(resp.Body)
 		return resp.StatusCode, string(b)
 	}
-	if code, _ := get(addrs["ready-addr"], "/healthz/ready"); code != 200 {
-		t.Fatalf("ready: %d", code)
-	}
 	var states []identity.CertState
 	deadline := time.Now().Add(10 * time.Second)
 	for {
@@ -137,6 +134,10 @@ func TestAgentFetchesCertificatesOfItsPods(t *testing.T) {
 	}
 	if len(states) != 1 || states[0].ID != "spiffe://cluster.local/ns/bookinfo/sa/reviews" || states[0].State != "valid" {
 		t.Fatalf("certificates %+v, want reviews' only, valid", states)
+	}
+	// Ready once the config is applied and the pods' certificates are loaded.
+	if code, body := get(addrs["ready-addr"], "/healthz/ready"); code != 200 || !strings.HasPrefix(body, "ready (pid ") {
+		t.Fatalf("ready: %d %q", code, body)
 	}
 	if _, body := get(addrs["metrics-addr"], "/metrics"); !strings.Contains(body, "go_goroutines") {
 		t.Fatalf("metrics endpoint: %q", body)
