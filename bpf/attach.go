@@ -65,6 +65,9 @@ func (c *Capture) Detach(ifindex int) error {
 		if err := c.unenrollIfindex(ifindex); err != nil {
 			return err
 		}
+		if err := c.objs.VeilPortMac.Delete(uint32(ifindex)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("bpf: detach: interface %d: %w", ifindex, err)
+		}
 		return detachIface(c.opts.PinDir, c.objs.VeilIfaces, ifindex)
 	})
 }
@@ -94,12 +97,18 @@ func (c *Capture) attach(ifindex int, pod bool) error {
 	if ifindex <= 0 {
 		return fmt.Errorf("bpf: attach: invalid interface index %d", ifindex)
 	}
-	if _, err := netlink.LinkByIndex(ifindex); err != nil {
+	lnk, err := netlink.LinkByIndex(ifindex)
+	if err != nil {
 		return fmt.Errorf("bpf: attach: interface %d: %w", ifindex, err)
 	}
 	st, _, err := c.ifaceState(ifindex)
 	if err != nil {
 		return fmt.Errorf("bpf: attach: interface %d state: %w", ifindex, err)
+	}
+	if pod {
+		if err := c.setPortMAC(lnk); err != nil {
+			return err
+		}
 	}
 	// A pod veth keeps its egress program even if attached earlier as an uplink.
 	want := ifIngress
@@ -269,6 +278,32 @@ func clsactDetach(ifindex int, flags uint32) error {
 	}
 	if err := netlink.QdiscDel(clsactQdisc(ifindex)); err != nil && !errors.Is(err, unix.ENOENT) && !errors.Is(err, unix.EINVAL) {
 		return fmt.Errorf("bpf: delete clsact qdisc on interface %d: %w", ifindex, err)
+	}
+	return nil
+}
+
+// setPortMAC records the bridge of a pod veth that is a port of a Linux bridge, with the
+// bridge's address (see veil_port_mac in capture.c), and forgets it otherwise.
+func (c *Capture) setPortMAC(l netlink.Link) error {
+	idx := uint32(l.Attrs().Index)
+	if m := l.Attrs().MasterIndex; m > 0 {
+		master, err := netlink.LinkByIndex(m)
+		if err != nil {
+			return fmt.Errorf("bpf: attach: interface %s's master %d: %w", l.Attrs().Name, m, err)
+		}
+		if master.Type() == "bridge" {
+			pm := capturePortMac{Bridge: uint32(m)}
+			if copy(pm.Mac[:], master.Attrs().HardwareAddr) != len(pm.Mac) {
+				return fmt.Errorf("bpf: attach: bridge %s has no Ethernet address", master.Attrs().Name)
+			}
+			if err := c.objs.VeilPortMac.Update(idx, pm, ebpf.UpdateAny); err != nil {
+				return fmt.Errorf("bpf: attach: record bridge port %s: %w", l.Attrs().Name, err)
+			}
+			return nil
+		}
+	}
+	if err := c.objs.VeilPortMac.Delete(idx); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("bpf: attach: interface %s: %w", l.Attrs().Name, err)
 	}
 	return nil
 }

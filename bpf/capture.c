@@ -117,6 +117,25 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } veil_enrolled SEC(".maps");
 
+// Pod veths that are ports of a Linux bridge (flannel's cni0, the bridge plugin): frames
+// between pods of one bridge are switched, never routed, so an assigned packet would be
+// switched to the destination pod and dropped there (it carries a socket). Instead it is
+// readdressed to the bridge device and redirected into the bridge's ingress, where the IP
+// stack delivers it to the assigned socket.
+struct port_mac {
+	__u8 mac[6]; // the bridge's address
+	__u16 pad;
+	__u32 bridge; // the bridge's ifindex
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__type(value, struct port_mac);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} veil_port_mac SEC(".maps");
+
 // Destinations an enrolled pod reaches directly (operator-configured CIDRs).
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
@@ -392,6 +411,17 @@ static __always_inline int assign(struct __sk_buff *skb, struct bpf_sock *sk, st
 		bpf_skb_change_type(skb, PACKET_HOST);
 	skb->mark = (skb->mark & ~cfg->mark_mask) | cfg->capture_mark;
 	count(d);
+	// On a bridge port: into the bridge's own ingress, addressed to the bridge.
+	__u32 ifindex = skb->ifindex;
+	struct port_mac *pm = bpf_map_lookup_elem(&veil_port_mac, &ifindex);
+	if (pm) {
+		if (bpf_skb_store_bytes(skb, 0, pm->mac, ETH_ALEN, 0)) {
+			skb->cb[1] = 1;
+			count(D_ASSIGN_FAILED);
+			return TC_ACT_SHOT;
+		}
+		return bpf_redirect(pm->bridge, BPF_F_INGRESS);
+	}
 	return TC_ACT_OK;
 }
 

@@ -48,6 +48,13 @@ type captureLpmKey struct {
 	A         captureAddr
 }
 
+type capturePortMac struct {
+	_      structs.HostLayout
+	Mac    [6]uint8
+	Pad    uint16
+	Bridge uint32
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
@@ -59,6 +66,7 @@ const (
 	captureMapVeilHostExclude = "veil_host_exclude"
 	captureMapVeilIfaces      = "veil_ifaces"
 	captureMapVeilListeners   = "veil_listeners"
+	captureMapVeilPortMac     = "veil_port_mac"
 	captureProgVeilEgress     = "veil_egress"
 	captureProgVeilIngress    = "veil_ingress"
 )
@@ -120,6 +128,7 @@ type captureMapSpecs struct {
 	VeilHostExclude *ebpf.MapSpec `ebpf:"veil_host_exclude"`
 	VeilIfaces      *ebpf.MapSpec `ebpf:"veil_ifaces"`
 	VeilListeners   *ebpf.MapSpec `ebpf:"veil_listeners"`
+	VeilPortMac     *ebpf.MapSpec `ebpf:"veil_port_mac"`
 }
 
 // captureVariableSpecs contains global variables before they are loaded into the kernel.
@@ -155,6 +164,7 @@ type captureMaps struct {
 	VeilHostExclude *ebpf.Map `ebpf:"veil_host_exclude"`
 	VeilIfaces      *ebpf.Map `ebpf:"veil_ifaces"`
 	VeilListeners   *ebpf.Map `ebpf:"veil_listeners"`
+	VeilPortMac     *ebpf.Map `ebpf:"veil_port_mac"`
 }
 
 func (m *captureMaps) Close() error {
@@ -166,6 +176,7 @@ func (m *captureMaps) Close() error {
 		m.VeilHostExclude,
 		m.VeilIfaces,
 		m.VeilListeners,
+		m.VeilPortMac,
 	)
 }
 
