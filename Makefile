@@ -6,7 +6,7 @@ PKGS     ?= ./...
 BENCHTIME ?= 1s
 BIN      := bin
 
-.PHONY: all build generate check-generate test unit interop kube-build images images-test check fmt fmt-check vet bench bench-path fuzz demo deps-demo deps-test clean help
+.PHONY: all build generate check-generate test unit interop kube-build images images-test manifests helm-test check fmt fmt-check vet bench bench-path fuzz demo deps-demo deps-test clean help
 
 all: build
 
@@ -31,7 +31,7 @@ generate: ## regenerate committed generated code (bpf2go, protoc)
 check-generate: ## fail if committed generated code is stale (api always; bpf where the recorded clang is present, and always in CI)
 	./scripts/check-generate.sh
 
-test: deps-test kube-build check check-generate unit interop images-test ## the README's test command: installs what is missing, gofmt check, go vet, generated code current, all tests
+test: deps-test kube-build check check-generate unit interop images-test helm-test ## the README's test command: installs what is missing, gofmt check, go vet, generated code current, all tests
 
 kube-build: ## build (once; cached in ~/.cache/veil) the kube-apiserver and kubectl the Kubernetes tests run
 	@./scripts/kube-build.sh >/dev/null
@@ -44,6 +44,12 @@ images: ## OCI image archives of the static binaries on an empty base (bin/image
 
 images-test: ## build the image archives into a temporary directory and check them
 	cd deploy/images && $(GO) test -count=1 -timeout 20m ./...
+
+manifests: ## regenerate from the Helm chart deploy/helm/veil: its CRD files (istio.io/api, gateway-api modules) and deploy/manifests/veil.yaml
+	cd deploy/helm/render && $(GO) run .
+
+helm-test: ## the Helm chart: its shape with default and other values, helm lint, generated files current, install/upgrade/uninstall on a real API server
+	cd deploy/helm/render && $(GO) test -count=1 -timeout 20m ./...
 
 interop: ## interop tests against Istio's own Go code (HBONE both ways, Istio's CA client); a module of its own, interop/
 	cd interop && $(GO) test -count=1 ./...

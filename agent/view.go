@@ -40,7 +40,8 @@ type view struct {
 	// address conflict never takes a pod out of the capture.
 	pods []*workload
 	// nodeIDs maps each node address (status.hostIPs) to the identities of the pods
-	// that node runs: who may open a tunnel from that address without Forwarded.
+	// that node runs, with an address or not yet: who may open a tunnel from that address
+	// without Forwarded, or for a source address no workload owns yet.
 	nodeIDs map[netip.Addr]map[spiffeid.ID]bool
 	// conflicts are addresses claimed by more than one pod, left out of byIP.
 	conflicts []netip.Addr
@@ -51,21 +52,36 @@ type view struct {
 func newView(st *cluster.State, node string, td spiffeid.TrustDomain, cniEnrolled map[podKey]bool) *view {
 	v := &view{state: st, byIP: map[netip.Addr]*workload{}, vips: map[netip.Addr]*service{}, nodeIDs: map[netip.Addr]map[spiffeid.ID]bool{}}
 	conflicts := map[netip.Addr]bool{}
+	// A node's addresses, from any of its pods that reports them: a pod that has just
+	// started (no address yet, or no status at all) still counts for its node.
+	nodeAddrs := map[string][]netip.Addr{}
 	for _, p := range st.Pods {
-		if p.HostNetwork || len(p.IPs) == 0 {
+		if p.Node != "" && len(p.HostIPs) > 0 && len(nodeAddrs[p.Node]) == 0 {
+			nodeAddrs[p.Node] = p.HostIPs
+		}
+	}
+	for _, p := range st.Pods {
+		if p.HostNetwork {
 			continue
 		}
 		id, err := identity.NewID(td, p.Namespace, p.ServiceAccount)
 		if err != nil {
 			continue // a name that cannot be an identity cannot be in the mesh
 		}
-		w := &workload{pod: p, id: id, enrolled: st.Enrolled(p) || cniEnrolled[podKey{p.Namespace, p.Name}], local: p.Node == node}
-		for _, h := range p.HostIPs {
+		hosts := p.HostIPs
+		if len(hosts) == 0 {
+			hosts = nodeAddrs[p.Node]
+		}
+		for _, h := range hosts {
 			if v.nodeIDs[h] == nil {
 				v.nodeIDs[h] = map[spiffeid.ID]bool{}
 			}
 			v.nodeIDs[h][id] = true
 		}
+		if len(p.IPs) == 0 {
+			continue
+		}
+		w := &workload{pod: p, id: id, enrolled: st.Enrolled(p) || cniEnrolled[podKey{p.Namespace, p.Name}], local: p.Node == node}
 		for _, ip := range p.IPs {
 			if other := v.byIP[ip]; other != nil && other != w {
 				conflicts[ip] = true

@@ -38,6 +38,11 @@ type Options struct {
 	BinDir string
 	// Log receives progress lines. Default io.Discard.
 	Log io.Writer
+	// Kube keeps the lab's cluster in a real Kubernetes API server (etcd and a
+	// kube-apiserver from `make kube-build`, built on first use) instead of a config
+	// directory: the controller reads it with --kubeconfig, and the agents authenticate
+	// with service-account tokens bound to their pods, checked by TokenReview.
+	Kube bool
 }
 
 func (o Options) withDefaults() Options {
@@ -61,6 +66,7 @@ type Lab struct {
 	Spec *Spec
 	opts Options
 	dir  string
+	kube *kubeAPI // a kube lab's API server; nil for a config directory
 }
 
 func (l *Lab) path(elem ...string) string { return filepath.Join(append([]string{l.dir}, elem...)...) }
@@ -73,7 +79,8 @@ func (l *Lab) podNS(p *PodSpec) string {
 }
 
 // ConfigDir is where the lab's cluster objects and applied policies live; the
-// controller watches it and streams it to the agents.
+// controller watches it and streams it to the agents. A kube lab keeps them in its API
+// server instead.
 func (l *Lab) ConfigDir() string { return l.path("config") }
 
 func (l *Lab) logf(format string, args ...any) { fmt.Fprintf(l.opts.Log, format+"\n", args...) }
@@ -99,6 +106,9 @@ func Up(ctx context.Context, spec *Spec, opts Options) (*Lab, error) {
 			return nil, fmt.Errorf("lab: %s is required (apt-get install iproute2 util-linux)", tool)
 		}
 	}
+	if _, err := exec.LookPath("etcd"); opts.Kube && err != nil {
+		return nil, errors.New("lab: --kube needs etcd (apt-get install etcd-server)")
+	}
 	l := &Lab{Spec: spec, opts: opts, dir: filepath.Join(opts.StateRoot, spec.Name)}
 	if _, err := os.Stat(l.dir); err == nil {
 		return nil, fmt.Errorf("lab %s exists (state in %s): run `veilctl lab down --name %s` first", spec.Name, l.dir, spec.Name)
@@ -122,8 +132,10 @@ func (l *Lab) up(ctx context.Context) error {
 	if err := os.WriteFile(l.path("spec.yaml"), specYAML, 0o600); err != nil {
 		return err
 	}
-	if err := os.WriteFile(filepath.Join(l.ConfigDir(), "cluster.yaml"), l.Spec.ClusterYAML(), 0o644); err != nil {
-		return err
+	if !l.opts.Kube {
+		if err := os.WriteFile(filepath.Join(l.ConfigDir(), "cluster.yaml"), l.Spec.ClusterYAML(), 0o644); err != nil {
+			return err
+		}
 	}
 	if err := unix.Mount("bpf", l.path("bpffs"), "bpf", 0, "mode=0700"); err != nil {
 		return fmt.Errorf("lab: mount bpffs at %s: %w", l.path("bpffs"), err)
@@ -132,7 +144,11 @@ func (l *Lab) up(ctx context.Context) error {
 	if err := l.buildNetwork(); err != nil {
 		return err
 	}
-	if err := l.writeTokens(); err != nil {
+	if l.opts.Kube {
+		if err := l.startKube(ctx); err != nil {
+			return err
+		}
+	} else if err := l.writeTokens(); err != nil {
 		return err
 	}
 	l.logf("lab %s: starting the controller", l.Spec.Name)
@@ -165,6 +181,9 @@ func (l *Lab) buildNetwork() error {
 		{"ip", "-n", fab, "link", "add", "br0", "type", "bridge"},
 		{"ip", "-n", fab, "addr", "add", ControllerIP().String() + "/24", "dev", "br0"},
 		{"ip", "-n", fab, "link", "set", "br0", "up"},
+	}
+	if l.opts.Kube {
+		cmds = append(cmds, []string{"ip", "-n", fab, "addr", "add", APIServerIP().String() + "/24", "dev", "br0"})
 	}
 	for i, node := range s.Nodes {
 		ns := l.nodeNS(node)
@@ -250,11 +269,17 @@ func (l *Lab) start(name, ns string, argv ...string) error {
 
 func (l *Lab) bin(name string) string { return filepath.Join(l.opts.BinDir, name) }
 
+// startController runs the controller with the lab's CA, reading the config directory
+// and the nodes' bootstrap tokens, or in a kube lab the API server, with TokenReview.
 func (l *Lab) startController(ctx context.Context) error {
-	err := l.start("controller", l.fabricNS(), l.bin("veil-controller"),
-		"--ca-dir", l.path("ca"), "--node-tokens", l.path("tokens.yaml"), "--config-dir", l.ConfigDir(),
-		"--listen", net.JoinHostPort(ControllerIP().String(), "15012"), "--server-name", "veil-controller")
-	if err != nil {
+	argv := []string{l.bin("veil-controller"), "--ca-dir", l.path("ca"),
+		"--listen", net.JoinHostPort(ControllerIP().String(), "15012"), "--server-name", "veil-controller"}
+	if l.kube != nil {
+		argv = append(argv, "--kubeconfig", l.controllerKubeconfig(), "--agent-service-account", agentSA)
+	} else {
+		argv = append(argv, "--node-tokens", l.path("tokens.yaml"), "--config-dir", l.ConfigDir())
+	}
+	if err := l.start("controller", l.fabricNS(), argv...); err != nil {
 		return err
 	}
 	return l.waitFor(ctx, "the controller", func(ctx context.Context) error {
@@ -273,15 +298,30 @@ func (l *Lab) startController(ctx context.Context) error {
 // connections it holds finish (veil-agent --drain-grace; a DaemonSet uses 29 s).
 const AgentDrainGrace = 2 * time.Second
 
-// StartAgent starts (or restarts) a node's agent and waits until it is ready. A running
-// agent of the node hands its listeners over to the new one and drains.
+// StartAgent starts (or restarts) a node's agent and waits until it is ready: a config
+// in force and its pods' certificates loaded. A running agent of the node hands its
+// listeners over to the new one and drains.
 func (l *Lab) StartAgent(ctx context.Context, node string) error {
+	return l.startAgent(ctx, node, false)
+}
+
+// CNISocket is where a node's agent serves veil-cni (veil-agent --cni-socket).
+func (l *Lab) CNISocket(node string) string { return l.path("run", node, "cni.sock") }
+
+// StartAgentCached starts a node's agent while the controller is away: it waits until
+// the agent enforces its cached config, not for certificates, which need the CA.
+func (l *Lab) StartAgentCached(ctx context.Context, node string) error {
+	return l.startAgent(ctx, node, true)
+}
+
+func (l *Lab) startAgent(ctx context.Context, node string, cached bool) error {
 	err := l.start("agent-"+node, l.nodeNS(node), l.bin("veil-agent"),
 		"--node", node, "--config-cache", l.path("cache", node+".config"),
 		"--ca-addr", net.JoinHostPort(ControllerIP().String(), "15012"), "--ca-server-name", "veil-controller",
 		"--ca-root", l.path("ca", identity.RootCertFile), "--token-file", l.path("tokens", node),
 		"--uplink", "eth0", "--pin-dir", l.path("bpffs", node),
-		"--handover-dir", l.path("run", node), "--drain-grace", AgentDrainGrace.String())
+		"--handover-dir", l.path("run", node), "--drain-grace", AgentDrainGrace.String(),
+		"--cni-socket", l.CNISocket(node))
 	if err != nil {
 		return err
 	}
@@ -290,10 +330,17 @@ func (l *Lab) StartAgent(ctx context.Context, node string) error {
 		return err
 	}
 	want := []byte(fmt.Sprintf("ready (pid %d)", pid))
+	certs := []byte(fmt.Sprintf("waiting (pid %d): waiting for certificates", pid))
 	return l.waitFor(ctx, "the agent of "+node, func(ctx context.Context) error {
 		body, err := l.NodeGet(ctx, node, "127.0.0.1:15021", "/healthz/ready")
+		if cached && bytes.HasPrefix(body, certs) {
+			return nil
+		}
 		if err == nil && !bytes.Contains(body, want) {
 			err = fmt.Errorf("not ready: %q", bytes.TrimSpace(body))
+		}
+		if err != nil && len(body) > 0 {
+			err = fmt.Errorf("%w: %s", err, bytes.TrimSpace(body))
 		}
 		return err
 	}, "agent-"+node)
@@ -460,9 +507,10 @@ func (l *Lab) Exec(ctx context.Context, pod string, argv []string, stdin io.Read
 }
 
 // Apply validates the security.istio.io objects in data as Istio's admission webhook
-// would and, if all are valid, adds them to the lab's config under name. An invalid
-// object rejects the whole file with an error naming it and its field; what is in force
-// stays in force.
+// would and, if all are valid, adds them to the lab's config under name: a file of the
+// config directory or, in a kube lab, every object of data applied server-side to the
+// API server. An invalid object rejects the whole file with an error naming it and its
+// field; what is in force stays in force.
 func (l *Lab) Apply(name string, data []byte) error {
 	man := policy.Parse(name, data)
 	errs := append([]error(nil), man.Errors...)
@@ -477,13 +525,19 @@ func (l *Lab) Apply(name string, data []byte) error {
 	if len(man.Objects) == 0 {
 		return fmt.Errorf("lab apply: %s holds no security.istio.io object", name)
 	}
+	if l.kube != nil {
+		return l.kubeApply(name, data)
+	}
 	// Atomically: the controller polls the directory, and a half-written file would read
 	// as a change.
 	return identity.WriteFileAtomic(filepath.Join(l.ConfigDir(), configName(name)), data, 0o644)
 }
 
-// Delete removes a file applied under name.
+// Delete removes a file applied under name (in a kube lab, deletes its objects).
 func (l *Lab) Delete(name string) error {
+	if l.kube != nil {
+		return l.kubeDelete(name)
+	}
 	err := os.Remove(filepath.Join(l.ConfigDir(), configName(name)))
 	if errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("lab delete: %s was not applied", name)
@@ -511,7 +565,11 @@ func Open(name string, opts Options) (*Lab, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Lab{Spec: spec, opts: opts, dir: dir}, nil
+	l := &Lab{Spec: spec, opts: opts, dir: dir}
+	if err := l.openKube(); err != nil {
+		return nil, err
+	}
+	return l, nil
 }
 
 // Status describes a lab: its namespaces, processes and pods.
@@ -525,13 +583,10 @@ func (l *Lab) Status() string {
 	}
 	sort.Strings(names)
 	for _, n := range names {
-		state := "running"
-		if raw, err := os.ReadFile(l.path("pids", n+".pid")); err != nil {
-			state = "unknown"
-		} else if pid, _ := strconv.Atoi(strings.TrimSpace(string(raw))); syscall.Kill(pid, 0) != nil {
-			state = "dead"
-		}
-		fmt.Fprintf(&b, "  %-32s %s\n", n, state)
+		fmt.Fprintf(&b, "  %-32s %s\n", n, procState(l.path("pids", n+".pid")))
+	}
+	if l.kube != nil {
+		b.WriteString(l.kubeStatus())
 	}
 	for _, node := range l.Spec.sortedNodes() {
 		fmt.Fprintf(&b, "node %s %s\n", node, l.Spec.NodeIP(node))
@@ -623,6 +678,18 @@ func Down(name string, opts Options) error {
 		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
+}
+
+// procState says whether the process of a pid file runs.
+func procState(pidFile string) string {
+	raw, err := os.ReadFile(pidFile)
+	if err != nil {
+		return "unknown"
+	}
+	if pid, _ := strconv.Atoi(strings.TrimSpace(string(raw))); pid <= 0 || syscall.Kill(pid, 0) != nil {
+		return "dead"
+	}
+	return "running"
 }
 
 func contains(list []string, s string) bool {

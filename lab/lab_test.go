@@ -57,7 +57,9 @@ func requireRoot(t *testing.T) {
 	}
 }
 
-func upLab(t *testing.T) *Lab {
+// upLab brings up the default lab under a random name, changed by each of with (kubeLab:
+// a kube lab), and takes it down when the test ends.
+func upLab(t *testing.T, with ...func(*Options)) *Lab {
 	t.Helper()
 	requireRoot(t)
 	spec := DefaultSpec()
@@ -66,7 +68,14 @@ func upLab(t *testing.T) *Lab {
 	spec.Name = "t" + hex.EncodeToString(b)
 	var log bytes.Buffer
 	opts := Options{BinDir: binDir, StateRoot: t.TempDir(), Log: &log}
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	for _, f := range with {
+		f(&opts)
+	}
+	limit := 2 * time.Minute
+	if opts.Kube {
+		limit = 5 * time.Minute // the API server's start, and its first build if make kube-build has not run
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), limit)
 	defer cancel()
 	l, err := Up(ctx, spec, opts)
 	if err != nil {
@@ -74,8 +83,11 @@ func upLab(t *testing.T) *Lab {
 	}
 	t.Cleanup(func() {
 		if t.Failed() {
-			for _, f := range []string{"agent-node-1", "agent-node-2", "controller"} {
-				b, _ := os.ReadFile(l.path("logs", f+".log"))
+			for _, f := range []string{"logs/agent-node-1", "logs/agent-node-2", "logs/controller", "kube/kube-apiserver"} {
+				b, err := os.ReadFile(l.path(f + ".log"))
+				if err != nil {
+					continue // kube/: a kube lab's only
+				}
 				if len(b) > 4000 {
 					b = b[len(b)-4000:]
 				}
@@ -234,7 +246,7 @@ func TestResilience(t *testing.T) {
 		if err := l.StopAgent("node-2"); err != nil {
 			t.Fatal(err)
 		}
-		if err := l.StartAgent(ctx, "node-2"); err != nil {
+		if err := l.StartAgentCached(ctx, "node-2"); err != nil {
 			t.Fatal(err)
 		}
 		l.want(t, "legacy/sleep", "reviews:9080", "reset")

@@ -233,8 +233,10 @@ func (s *Spec) Pod(ref string) (*PodSpec, error) {
 	return nil, fmt.Errorf("pod name %q is ambiguous: say namespace/name", ref)
 }
 
-// ClusterYAML renders the lab's Namespaces, Pods and Services as Kubernetes manifests,
-// the controller's and agents' view of the cluster.
+// ClusterYAML renders the lab's Namespaces, ServiceAccounts, Pods and Services as
+// Kubernetes manifests: the controller's and agents' view of the cluster, from the config
+// directory or, in a kube lab, from the API server, where they are applied (a Pod's status
+// through its status subresource, as its kubelet would write it).
 func (s *Spec) ClusterYAML() []byte {
 	var b strings.Builder
 	doc := func(v any) {
@@ -248,18 +250,26 @@ func (s *Spec) ClusterYAML() []byte {
 	for _, ns := range s.Namespaces {
 		doc(map[string]any{"apiVersion": "v1", "kind": "Namespace", "metadata": map[string]any{"name": ns.Name, "labels": ns.Labels}})
 	}
+	accounts := map[string]bool{}
+	for _, p := range s.Pods {
+		if key := p.Namespace + "/" + p.ServiceAccount; !accounts[key] {
+			accounts[key] = true
+			doc(map[string]any{"apiVersion": "v1", "kind": "ServiceAccount", "metadata": map[string]any{"name": p.ServiceAccount, "namespace": p.Namespace}})
+		}
+	}
 	for i := range s.Pods {
 		p := &s.Pods[i]
 		var ports []map[string]any
 		for _, port := range p.Ports {
 			ports = append(ports, map[string]any{"containerPort": port})
 		}
+		ip, host := s.PodIP(p).String(), s.NodeIP(p.Node).String()
 		doc(map[string]any{
 			"apiVersion": "v1", "kind": "Pod",
 			"metadata": map[string]any{"name": p.Name, "namespace": p.Namespace, "labels": p.Labels},
 			"spec": map[string]any{"serviceAccountName": p.ServiceAccount, "nodeName": p.Node,
-				"containers": []map[string]any{{"name": "app", "ports": ports}}},
-			"status": map[string]any{"podIP": s.PodIP(p).String(), "hostIP": s.NodeIP(p.Node).String(), "conditions": []map[string]any{{"type": "Ready", "status": "True"}}},
+				"containers": []map[string]any{{"name": "app", "image": labAppImage, "ports": ports}}},
+			"status": runningStatus(ip, host, "app", labAppImage),
 		})
 	}
 	for i, svc := range s.Services {
@@ -271,6 +281,19 @@ func (s *Spec) ClusterYAML() []byte {
 		})
 	}
 	return []byte(b.String())
+}
+
+// labAppImage names what a lab pod runs (`veilctl lab app`); no image is pulled.
+const labAppImage = "veilctl-lab-app"
+
+// runningStatus is the status of a running, ready pod at ip on the node at host, whose
+// one container runs image.
+func runningStatus(ip, host, container, image string) map[string]any {
+	return map[string]any{"phase": "Running",
+		"podIP": ip, "podIPs": []map[string]any{{"ip": ip}}, "hostIP": host, "hostIPs": []map[string]any{{"ip": host}},
+		"conditions": []map[string]any{{"type": "Ready", "status": "True"}},
+		"containerStatuses": []map[string]any{{"name": container, "image": image, "imageID": "", "ready": true,
+			"restartCount": 0, "started": true, "state": map[string]any{"running": map[string]any{}}}}}
 }
 
 // sortedNodes returns node names in order, for stable output.

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # check-generate.sh: fail if committed generated code is stale (`make check-generate`).
 #
+# deploy/manifests/veil.yaml and the Helm chart's files/crds are rendered from the chart
+# and the module cache (`make manifests`), so they are regenerated and compared everywhere.
+#
 # api/*.pb.go depend on go.mod alone (internal/protoc: a pure-Go proto compiler and the
 # plugins pinned in go.mod), so they are regenerated and compared on every machine.
 # The bpf2go output depends on the machine's clang as well: it is regenerated and compared
@@ -21,6 +24,11 @@ stale() { # paths...
 
 go generate ./api/...
 stale 'api/*.pb.go'
+
+# The chart's CRD files and deploy/manifests/veil.yaml, rendered from deploy/helm/veil by
+# deploy/helm/render (a module of its own; Helm and the module cache only, no cluster).
+(cd deploy/helm/render && go run . >/dev/null)
+stale deploy/manifests/veil.yaml deploy/helm/veil/files/crds
 
 want=$(cat bpf/toolchain.txt)
 have=$(bpf/gen.sh toolchain)

@@ -15,20 +15,30 @@ import (
 
 const labUsage = `veilctl lab: a veil mesh in network namespaces on this machine (root).
 
-  veilctl lab up [-f SPEC] [--name NAME]    build the lab (default: Bookinfo, name "demo") and start
+  veilctl lab up [-f SPEC] [--name NAME] [--kube]
+                                            build the lab (default: Bookinfo, name "demo") and start
                                             a controller, an agent per node, an application per pod
+                                            (--kube: the cluster lives in a real kube-apiserver, see below)
   veilctl lab status [--name NAME]          processes, nodes, pods, services and their addresses
   veilctl lab exec [--name NAME] POD -- CMD run CMD in a pod's network namespace (POD = ns/name or name)
-  veilctl lab apply [--name NAME] -f FILE   add security.istio.io policies (validated first)
+  veilctl lab apply [--name NAME] -f FILE   add security.istio.io policies (validated first; in a
+                                            --kube lab, applied server-side to the API server)
   veilctl lab delete [--name NAME] -f FILE  remove what apply added from FILE
   veilctl lab restart-agent [--name NAME] [--kill] NODE
                                             replace a node's agent as a DaemonSet rolling update does:
                                             the new one takes the listeners over, the old one drains
                                             (--kill: kill -9 the old one first, as a crash)
-  veilctl lab demo [--name NAME]            up, run the Istio documentation's scenarios, down
+  veilctl lab demo [--name NAME] [--kube]   up, run the Istio documentation's scenarios, down
   veilctl lab down [--name NAME]            remove everything the lab created, even after a crash
 
 Binaries are taken from the directory of veilctl (make build puts them in bin/); --bin-dir overrides.
+
+--kube runs etcd and a kube-apiserver (from make kube-build, built on first use; etcd from
+etcd-server) in the lab's fabric namespace at 10.99.0.253:6443, with Istio's CRDs, veil's RBAC and
+the lab's Namespaces, ServiceAccounts, Pods (node and status set, as no kubelet runs) and Services.
+The controller reads it with --kubeconfig as veil-system/veil-controller; each agent authenticates
+with a token of veil-system/veil-agent bound to its pod veil-system/veil-agent-NODE (audience
+istio-ca), checked by TokenReview. lab status prints the kubectl command that reaches it.
 `
 
 func labCmd(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) error {
@@ -43,6 +53,7 @@ func labCmd(ctx context.Context, args []string, stdin io.Reader, stdout, stderr 
 	binDir := fs.String("bin-dir", "", "directory holding veil-controller, veil-agent and veilctl (default: veilctl's)")
 	file := fs.String("f", "", "file (spec for up; policies for apply and delete)")
 	kill := fs.Bool("kill", false, "restart-agent: kill -9 the running agent first, as a crash")
+	kube := fs.Bool("kube", false, "up, demo: keep the cluster in a real Kubernetes API server (etcd + kube-apiserver)")
 	var listens multiFlag
 	if sub == "app" {
 		// veilctl lab app --name NS/POD --listen :9080 ...: the application the lab runs in pods.
@@ -58,7 +69,7 @@ func labCmd(ctx context.Context, args []string, stdin io.Reader, stdout, stderr 
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	opts := lab.Options{BinDir: *binDir, Log: stdout}
+	opts := lab.Options{BinDir: *binDir, Log: stdout, Kube: *kube}
 	switch sub {
 	case "up":
 		spec := lab.DefaultSpec()

@@ -25,14 +25,18 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/tarball"
 )
 
-// image is one binary's image: what runs, as whom.
+// image is one binary's image: what runs, as whom, and what else it carries.
 type image struct {
 	binary string
 	user   string // "" runs as root (the agent needs its capabilities)
+	// also are more binaries of ./cmd beside the entrypoint: the agent copies veil-cni
+	// from the directory of its own executable into the node's CNI bin directory. One
+	// whose ./cmd directory does not exist (yet) is left out, saying so.
+	also []string
 }
 
 var images = []image{
-	{binary: "veil-agent"},
+	{binary: "veil-agent", also: []string{"veil-cni"}},
 	{binary: "veil-controller", user: "65532:65532"},
 	{binary: "veilctl", user: "65532:65532"},
 }
@@ -70,7 +74,7 @@ func run(src, out, repo, tag string) error {
 		if err != nil {
 			return err
 		}
-		img, err := build1(filepath.Join(bin, im.binary), im)
+		img, err := build1(src, bin, im)
 		if err != nil {
 			return fmt.Errorf("%s: %w", im.binary, err)
 		}
@@ -83,21 +87,37 @@ func run(src, out, repo, tag string) error {
 	return nil
 }
 
-// build1 makes an image of one static binary on an empty base.
-func build1(path string, im image) (v1.Image, error) {
-	data, err := os.ReadFile(path)
-	if err != nil {
-		return nil, err
+// contents are the binaries an image holds, entrypoint first: those of im.also whose
+// ./cmd directory exists in src.
+func contents(src string, im image) []string {
+	files := []string{im.binary}
+	for _, b := range im.also {
+		if _, err := os.Stat(filepath.Join(src, "cmd", b)); err != nil {
+			fmt.Fprintf(os.Stderr, "images: %s: no ./cmd/%s in %s yet; the image is built without it\n", im.binary, b, src)
+			continue
+		}
+		files = append(files, b)
 	}
+	return files
+}
+
+// build1 makes an image of static binaries (built into bin) on an empty base.
+func build1(src, bin string, im image) (v1.Image, error) {
 	var buf bytes.Buffer
 	tw := tar.NewWriter(&buf)
-	// A fixed time: the same binary gives the same layer.
-	hdr := &tar.Header{Name: im.binary, Mode: 0o755, Size: int64(len(data)), ModTime: time.Unix(0, 0), Typeflag: tar.TypeReg}
-	if err := tw.WriteHeader(hdr); err != nil {
-		return nil, err
-	}
-	if _, err := tw.Write(data); err != nil {
-		return nil, err
+	for _, name := range contents(src, im) {
+		data, err := os.ReadFile(filepath.Join(bin, name))
+		if err != nil {
+			return nil, err
+		}
+		// A fixed time: the same binary gives the same layer.
+		hdr := &tar.Header{Name: name, Mode: 0o755, Size: int64(len(data)), ModTime: time.Unix(0, 0), Typeflag: tar.TypeReg}
+		if err := tw.WriteHeader(hdr); err != nil {
+			return nil, err
+		}
+		if _, err := tw.Write(data); err != nil {
+			return nil, err
+		}
 	}
 	if err := tw.Close(); err != nil {
 		return nil, err
