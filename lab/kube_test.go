@@ -22,7 +22,7 @@ import (
 )
 
 // kubeLab makes upLab's lab a kube lab: its cluster in a real API server.
-func kubeLab(o *Options) { o.Kube = true }
+func kubeLab(_ *Spec, o *Options) { o.Kube = true }
 
 // TestKubeLab runs `make demo`'s scenarios on a lab whose controller reads a real
 // kube-apiserver (the policies are objects of the API server), shows that node

@@ -43,6 +43,8 @@ type Options struct {
 	// directory: the controller reads it with --kubeconfig, and the agents authenticate
 	// with service-account tokens bound to their pods, checked by TokenReview.
 	Kube bool
+	// AgentArgs are appended to every agent's command line that this Lab value starts.
+	AgentArgs []string
 }
 
 func (o Options) withDefaults() Options {
@@ -197,12 +199,32 @@ func (l *Lab) buildNetwork() error {
 			[]string{"ip", "-n", ns, "link", "set", "eth0", "up"},
 			[]string{"ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"},
 		)
+		switch s.Network {
+		case NetworkBridge:
+			// cni0 holds the gateway; the node's pods share its /24.
+			cmds = append(cmds,
+				[]string{"ip", "-n", ns, "link", "add", "cni0", "type", "bridge"},
+				[]string{"ip", "-n", ns, "addr", "add", s.gateway(node).String() + "/24", "dev", "cni0"},
+				[]string{"ip", "-n", ns, "link", "set", "cni0", "up"})
+		case NetworkOverlay:
+			// vxlan0 carries pod traffic between nodes, encapsulated on the fabric.
+			cmds = append(cmds,
+				[]string{"ip", "-n", ns, "link", "add", "vxlan0", "type", "vxlan", "id", "42", "dstport", "4789",
+					"local", s.NodeIP(node).String(), "dev", "eth0", "nolearning"},
+				[]string{"ip", "-n", ns, "addr", "add", s.overlayIP(node).String() + "/24", "dev", "vxlan0"},
+				[]string{"ip", "-n", ns, "link", "set", "vxlan0", "up"})
+		}
 		for _, other := range s.Nodes {
 			if other == node {
 				continue
 			}
 			cidr := s.gateway(other).Prev().String() + "/24" // 10.100.j.0/24
-			cmds = append(cmds, []string{"ip", "-n", ns, "route", "add", cidr, "via", s.NodeIP(other).String()})
+			via := s.NodeIP(other).String()
+			if s.Network == NetworkOverlay {
+				via = s.overlayIP(other).String()
+				cmds = append(cmds, []string{"bridge", "-n", ns, "fdb", "append", "00:00:00:00:00:00", "dev", "vxlan0", "dst", s.NodeIP(other).String()})
+			}
+			cmds = append(cmds, []string{"ip", "-n", ns, "route", "add", cidr, "via", via})
 		}
 	}
 	podOnNode := map[string]int{}
@@ -215,7 +237,16 @@ func (l *Lab) buildNetwork() error {
 		cmds = append(cmds,
 			[]string{"ip", "netns", "add", ns},
 			[]string{"ip", "-n", ns, "link", "set", "lo", "up"},
-			[]string{"ip", "link", "add", hostDev, "netns", node, "type", "veth", "peer", "name", "eth0", "netns", ns},
+			[]string{"ip", "link", "add", hostDev, "netns", node, "type", "veth", "peer", "name", "eth0", "netns", ns})
+		if s.Network == NetworkBridge {
+			cmds = append(cmds,
+				[]string{"ip", "-n", ns, "addr", "add", ip + "/24", "dev", "eth0"},
+				[]string{"ip", "-n", ns, "link", "set", "eth0", "up"},
+				[]string{"ip", "-n", ns, "route", "add", "default", "via", gw},
+				[]string{"ip", "-n", node, "link", "set", hostDev, "master", "cni0", "up"})
+			continue
+		}
+		cmds = append(cmds,
 			[]string{"ip", "-n", ns, "addr", "add", ip + "/32", "dev", "eth0"},
 			[]string{"ip", "-n", ns, "link", "set", "eth0", "up"},
 			[]string{"ip", "-n", ns, "route", "add", gw, "dev", "eth0"},
@@ -315,13 +346,17 @@ func (l *Lab) StartAgentCached(ctx context.Context, node string) error {
 }
 
 func (l *Lab) startAgent(ctx context.Context, node string, cached bool) error {
-	err := l.start("agent-"+node, l.nodeNS(node), l.bin("veil-agent"),
+	argv := []string{l.bin("veil-agent"),
 		"--node", node, "--config-cache", l.path("cache", node+".config"),
 		"--ca-addr", net.JoinHostPort(ControllerIP().String(), "15012"), "--ca-server-name", "veil-controller",
 		"--ca-root", l.path("ca", identity.RootCertFile), "--token-file", l.path("tokens", node),
 		"--uplink", "eth0", "--pin-dir", l.path("bpffs", node),
 		"--handover-dir", l.path("run", node), "--drain-grace", AgentDrainGrace.String(),
-		"--cni-socket", l.CNISocket(node))
+		"--cni-socket", l.CNISocket(node)}
+	if l.Spec.Network == NetworkOverlay {
+		argv = append(argv, "--uplink", "vxlan0")
+	}
+	err := l.start("agent-"+node, l.nodeNS(node), append(argv, l.opts.AgentArgs...)...)
 	if err != nil {
 		return err
 	}
@@ -386,6 +421,10 @@ func (l *Lab) pid(name string) (int, error) {
 	}
 	return strconv.Atoi(strings.TrimSpace(string(b)))
 }
+
+// TerminateAgent stops a node's agent as the kubelet does (SIGTERM): it drains and
+// exits; whether it removes the capture is its --uninstall flag's call.
+func (l *Lab) TerminateAgent(node string) error { return l.kill("agent-"+node, syscall.SIGTERM) }
 
 // StopAgent kills a node's agent (SIGKILL: as a crash would). Its capture stays pinned.
 func (l *Lab) StopAgent(node string) error { return l.kill("agent-"+node, syscall.SIGKILL) }

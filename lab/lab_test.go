@@ -58,8 +58,8 @@ func requireRoot(t *testing.T) {
 }
 
 // upLab brings up the default lab under a random name, changed by each of with (kubeLab:
-// a kube lab), and takes it down when the test ends.
-func upLab(t *testing.T, with ...func(*Options)) *Lab {
+// a kube lab; withNetwork), and takes it down when the test ends.
+func upLab(t *testing.T, with ...func(*Spec, *Options)) *Lab {
 	t.Helper()
 	requireRoot(t)
 	spec := DefaultSpec()
@@ -69,7 +69,7 @@ func upLab(t *testing.T, with ...func(*Options)) *Lab {
 	var log bytes.Buffer
 	opts := Options{BinDir: binDir, StateRoot: t.TempDir(), Log: &log}
 	for _, f := range with {
-		f(&opts)
+		f(spec, &opts)
 	}
 	limit := 2 * time.Minute
 	if opts.Kube {

@@ -14,11 +14,19 @@ import (
 )
 
 // Spec describes a lab: nodes, namespaces, pods and services. Addresses are assigned by
-// the lab, as a routed CNI would: node i is 10.99.0.(i+1) on the fabric, its pods
-// 10.100.(i+1).(10+k)/32, services 10.96.0.(10+n).
+// the lab: node i is 10.99.0.(i+1) on the fabric, its pods 10.100.(i+1).(10+k), services
+// 10.96.0.(10+n). Network chooses how pods are wired, after the common CNIs.
 type Spec struct {
-	Name       string          `json:"name"`
-	Nodes      []string        `json:"nodes"`
+	Name  string   `json:"name"`
+	Nodes []string `json:"nodes"`
+	// Network is the pods' wiring:
+	//   - "routed" (the default), as kindnet or Calico: each pod a /32 behind its own veth,
+	//     a host route per pod, nodes routed to each other over the fabric;
+	//   - "bridge", as flannel's cni0 or the bridge plugin: a node's pods share a /24 on a
+	//     Linux bridge (cni0, the gateway), so frames between them are switched, not routed;
+	//   - "overlay", as Calico or Cilium in VXLAN mode: routed pods, and other nodes' pods
+	//     reached through a VXLAN device (vxlan0, also an uplink) instead of the fabric.
+	Network    string          `json:"network,omitempty"`
 	Namespaces []NamespaceSpec `json:"namespaces"`
 	Pods       []PodSpec       `json:"pods"`
 	Services   []ServiceSpec   `json:"services"`
@@ -103,6 +111,13 @@ func (s *Spec) validate() error {
 	if err := CheckName(s.Name); err != nil {
 		errs = append(errs, fmt.Errorf("lab spec: %w", err))
 	}
+	switch s.Network {
+	case "":
+		s.Network = NetworkRouted
+	case NetworkRouted, NetworkBridge, NetworkOverlay:
+	default:
+		bad("network: %q must be %s, %s or %s", s.Network, NetworkRouted, NetworkBridge, NetworkOverlay)
+	}
 	if len(s.Nodes) == 0 || len(s.Nodes) > 200 {
 		bad("nodes: want 1 to 200 nodes, got %d", len(s.Nodes))
 	}
@@ -169,6 +184,18 @@ func (s *Spec) validate() error {
 		bad("services: at most 200")
 	}
 	return errors.Join(errs...)
+}
+
+// The pod networks a Spec can have.
+const (
+	NetworkRouted  = "routed"
+	NetworkBridge  = "bridge"
+	NetworkOverlay = "overlay"
+)
+
+// overlayIP is a node's address on the overlay (vxlan0).
+func (s *Spec) overlayIP(node string) netip.Addr {
+	return netip.AddrFrom4([4]byte{10, 98, 0, byte(s.nodeIndex(node) + 1)})
 }
 
 // nodeIndex is a node's position, from 0.

@@ -13,8 +13,7 @@ import (
 
 	"github.com/veilmesh/veil/agent"
 	"github.com/veilmesh/veil/internal/cniconf"
-	apierrors "k8s.io/apimachinery/pkg/api/errors"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"github.com/veilmesh/veil/internal/removal"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 )
@@ -26,7 +25,7 @@ type cniOptions struct {
 	binDir      string // the node's CNI binary directory, as mounted here
 	hostConfDir string // confDir as the node (and so the plugin) sees it
 	kubeconfig  string // a kubeconfig for the plugin, as the node sees it; "" writes one from the in-cluster account
-	uninstall   string // auto, always or never: remove the chained configuration when stopping without a successor
+	uninstall   string // auto, always or never: remove veil-cni and the capture when stopping without a successor
 	daemonSet   string // the agents' DaemonSet, for uninstall=auto
 }
 
@@ -131,21 +130,51 @@ func installCNI(ctx context.Context, o cniOptions, log *slog.Logger) error {
 	return nil
 }
 
-// uninstallCNI removes the chained configuration when the agents are being removed,
-// not restarted: with uninstall=auto, when the agents' DaemonSet is gone or being
-// deleted. A node whose agent merely stopped keeps it, and mesh pods wait for the next
-// agent rather than start outside the mesh.
+// watchUninstall starts following the agents' DaemonSet in this pod's namespace.
+// Outside a cluster it returns nil.
+func watchUninstall(ctx context.Context, name string, log *slog.Logger) *removal.Watch {
+	cfg, err := rest.InClusterConfig()
+	if err != nil {
+		log.Info("not in a cluster; the agents' DaemonSet is not followed", "err", err)
+		return nil
+	}
+	ns, err := os.ReadFile("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+	if err != nil {
+		log.Warn("the pod's namespace is unknown; the agents' DaemonSet is not followed", "err", err)
+		return nil
+	}
+	client, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		log.Warn("the agents' DaemonSet is not followed", "err", err)
+		return nil
+	}
+	return removal.Start(ctx, client, string(bytes.TrimSpace(ns)), name)
+}
+
+// uninstalling decides, for an agent stopping without a successor, whether the agents
+// are being removed (--uninstall): always, never, or (auto) when their DaemonSet is
+// deleted or being deleted, as the watch saw it or the API server says now. When it
+// cannot tell (or runs outside a cluster), the answer is no: a node whose agent merely stopped keeps veil-cni and the
+// capture, and mesh pods wait for the next agent rather than run outside the mesh.
+func uninstalling(o cniOptions, w *removal.Watch, log *slog.Logger) bool {
+	switch o.uninstall {
+	case "always":
+		return true
+	case "never":
+		return false
+	}
+	if w == nil {
+		return false
+	}
+	gone, err := w.Removing(context.Background())
+	if err != nil {
+		log.Warn("cannot tell whether the agents are being uninstalled; keeping veil-cni and the capture", "err", err)
+	}
+	return gone
+}
+
+// uninstallCNI takes veil-cni out of the node's CNI configuration.
 func uninstallCNI(o cniOptions, log *slog.Logger) {
-	remove := o.uninstall == "always"
-	if o.uninstall == "auto" {
-		var err error
-		if remove, err = daemonSetGone(o.daemonSet); err != nil {
-			log.Warn("cni: cannot tell whether the agents are being uninstalled; keeping veil-cni chained", "err", err)
-		}
-	}
-	if !remove {
-		return
-	}
 	changed, err := cniconf.Remove(o.confDir)
 	if err != nil {
 		log.Error("cni: cannot remove veil-cni from the node's CNI configuration", "dir", o.confDir, "err", err)
@@ -153,31 +182,4 @@ func uninstallCNI(o cniOptions, log *slog.Logger) {
 	for _, f := range changed {
 		log.Info("cni: veil-cni removed from the node's CNI configuration", "file", f)
 	}
-}
-
-// daemonSetGone asks the API server whether the DaemonSet (in the agent's namespace) is
-// deleted or being deleted.
-func daemonSetGone(name string) (bool, error) {
-	cfg, err := rest.InClusterConfig()
-	if err != nil {
-		return false, err
-	}
-	ns, err := os.ReadFile("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
-	if err != nil {
-		return false, err
-	}
-	client, err := kubernetes.NewForConfig(cfg)
-	if err != nil {
-		return false, err
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	ds, err := client.AppsV1().DaemonSets(string(bytes.TrimSpace(ns))).Get(ctx, name, metav1.GetOptions{})
-	if apierrors.IsNotFound(err) {
-		return true, nil
-	}
-	if err != nil {
-		return false, err
-	}
-	return ds.DeletionTimestamp != nil, nil
 }

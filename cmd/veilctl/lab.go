@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"slices"
 	"strings"
 
 	"github.com/veilmesh/veil/lab"
@@ -15,10 +16,12 @@ import (
 
 const labUsage = `veilctl lab: a veil mesh in network namespaces on this machine (root).
 
-  veilctl lab up [-f SPEC] [--name NAME] [--kube]
+  veilctl lab up [-f SPEC] [--name NAME] [--kube] [--network routed|bridge|overlay]
                                             build the lab (default: Bookinfo, name "demo") and start
                                             a controller, an agent per node, an application per pod
-                                            (--kube: the cluster lives in a real kube-apiserver, see below)
+                                            (--kube: the cluster lives in a real kube-apiserver, see below;
+                                            --network: pods wired as a routed CNI (default), on a Linux
+                                            bridge (flannel's cni0), or routed with VXLAN between nodes)
   veilctl lab status [--name NAME]          processes, nodes, pods, services and their addresses
   veilctl lab exec [--name NAME] POD -- CMD run CMD in a pod's network namespace (POD = ns/name or name)
   veilctl lab apply [--name NAME] -f FILE   add security.istio.io policies (validated first; in a
@@ -54,6 +57,7 @@ func labCmd(ctx context.Context, args []string, stdin io.Reader, stdout, stderr 
 	file := fs.String("f", "", "file (spec for up; policies for apply and delete)")
 	kill := fs.Bool("kill", false, "restart-agent: kill -9 the running agent first, as a crash")
 	kube := fs.Bool("kube", false, "up, demo: keep the cluster in a real Kubernetes API server (etcd + kube-apiserver)")
+	network := fs.String("network", "", "up: the pods' wiring, routed, bridge or overlay (default: the spec's, else routed)")
 	var listens multiFlag
 	if sub == "app" {
 		// veilctl lab app --name NS/POD --listen :9080 ...: the application the lab runs in pods.
@@ -81,6 +85,12 @@ func labCmd(ctx context.Context, args []string, stdin io.Reader, stdout, stderr 
 		}
 		if isFlagSet(fs, "name") {
 			spec.Name = *name
+		}
+		if *network != "" {
+			if !slices.Contains([]string{lab.NetworkRouted, lab.NetworkBridge, lab.NetworkOverlay}, *network) {
+				return fmt.Errorf("--network %q: must be routed, bridge or overlay", *network)
+			}
+			spec.Network = *network
 		}
 		l, err := lab.Up(ctx, spec, opts)
 		if err != nil {

@@ -21,6 +21,7 @@ import (
 	"github.com/veilmesh/veil/identity"
 	"github.com/veilmesh/veil/internal/cniconf"
 	"github.com/veilmesh/veil/internal/kubetest"
+	"github.com/veilmesh/veil/internal/removal"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/metadata"
@@ -175,14 +176,27 @@ current-context: test
 	sleep := newPod(t, admin, "legacy", "sleep", "sleep", "node-1", "10.1.1.20")
 	runCNIAdd(t, dir, kc.Config.Host, kc.CACert(), agentToken, sleep)
 
-	// 4. An agent stopping without a successor (--cni-uninstall=auto) asks whether its
-	// DaemonSet is deleted (cmd/veil-agent's daemonSetGone, which reads its in-cluster
-	// account, so it is made here as it makes it).
+	// 4. The agent follows its DaemonSet while it runs and, stopping without a successor
+	// (--uninstall=auto), asks whether it is deleted: internal/removal, which the agent
+	// runs with its in-cluster account, run here with the same account.
 	agentClient := kubernetes.NewForConfigOrDie(&rest.Config{Host: kc.Config.Host, BearerToken: agentToken,
 		TLSClientConfig: rest.TLSClientConfig{Insecure: true}})
-	if _, err := agentClient.AppsV1().DaemonSets("veil-system").Get(ctx, "veil-agent", metav1.GetOptions{}); err != nil {
-		t.Fatalf("the agent's account cannot get its DaemonSet: %v", err)
+	watchCtx, stopWatch := context.WithCancel(ctx)
+	w := removal.Start(watchCtx, agentClient, "veil-system", "veil-agent")
+	if removing, err := w.Removing(ctx); err != nil || removing {
+		t.Fatalf("the agent's account asking about its DaemonSet: %v, %v; want not removing", removing, err)
 	}
+	if err := admin.AppsV1().DaemonSets("veil-system").Delete(ctx, "veil-agent", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for removing, _ := w.Removing(ctx); !removing; removing, _ = w.Removing(ctx) {
+		if time.Now().After(deadline) {
+			t.Fatal("the agent never saw its DaemonSet deleted")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	stopWatch()
 
 	// The audit log: what each account did, and whether anything was forbidden.
 	used := readAudit(t, kc.AuditLog)
