@@ -740,9 +740,22 @@ func TestPodChurn(t *testing.T) {
 // this release take over from its agents.
 const previousRelease = "056ea6d208079887b4a65bced5e7a6aac897fe59"
 
-// buildRelease builds the binaries of a commit of this repository into a directory.
+// releases caches buildRelease's builds for the test process, under binDir (removed
+// with it).
+var releases struct {
+	sync.Mutex
+	bins map[string]string
+}
+
+// buildRelease builds the binaries of a commit of this repository, once per test
+// process, and returns their directory.
 func buildRelease(t *testing.T, commit string) string {
 	t.Helper()
+	releases.Lock()
+	defer releases.Unlock()
+	if bin := releases.bins[commit]; bin != "" {
+		return bin
+	}
 	top, err := exec.Command("git", "rev-parse", "--show-toplevel").Output()
 	if err != nil {
 		t.Fatalf("the upgrade test needs the repository's history (git): %v", err)
@@ -755,13 +768,17 @@ func buildRelease(t *testing.T, commit string) string {
 	if out, err := exec.Command("git", "-C", repo, "worktree", "add", "--detach", tree, commit).CombinedOutput(); err != nil {
 		t.Fatalf("git worktree add: %v: %s", err, out)
 	}
-	t.Cleanup(func() { exec.Command("git", "-C", repo, "worktree", "remove", "--force", tree).Run() })
-	bin := filepath.Join(t.TempDir(), "bin")
+	defer exec.Command("git", "-C", repo, "worktree", "remove", "--force", tree).Run()
+	bin := filepath.Join(binDir, "release-"+commit[:12])
 	cmd := exec.Command("go", "build", "-o", bin+"/", "./cmd/...")
 	cmd.Dir = tree
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("build %s: %v: %s", commit, err, out)
 	}
+	if releases.bins == nil {
+		releases.bins = map[string]string{}
+	}
+	releases.bins[commit] = bin
 	return bin
 }
 
@@ -814,4 +831,58 @@ func TestUpgradeFromPreviousRelease(t *testing.T) {
 	}
 	l.want(t, "bookinfo/frontend", "reviews:9080", "200")
 	t.Logf("upgraded from %s: %d marked requests answered, 0 frames of plaintext", previousRelease[:7], answered.Load())
+}
+
+// TestVersionSkew: an agent of the previous release works with this release's
+// controller and agents (TestUpgradeFromPreviousRelease has this release's agents with
+// the previous controller). The fields it does not know (the pods' UIDs) it ignores; it
+// serves mTLS to and from this release's agent, and enforces the policies this
+// controller pushes.
+func TestVersionSkew(t *testing.T) {
+	l := upLab(t)
+	old := buildRelease(t, previousRelease)
+	ctx := context.Background()
+	if err := l.StopAgent("node-2"); err != nil {
+		t.Fatal(err)
+	}
+	// The previous release's agent, with the flags it had.
+	node := "node-2"
+	if err := l.start("agent-"+node, l.nodeNS(node), filepath.Join(old, "veil-agent"),
+		"--node", node, "--config-cache", l.path("cache", node+".config"),
+		"--ca-addr", net.JoinHostPort(ControllerIP().String(), "15012"), "--ca-server-name", "veil-controller",
+		"--ca-root", l.path("ca", "root-cert.pem"), "--token-file", l.path("tokens", node),
+		"--uplink", "eth0", "--pin-dir", l.path("bpffs", node)); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for l.Request(ctx, "bookinfo/frontend", l.mustTarget(t, "reviews:9080")).Result != "200" {
+		if time.Now().After(deadline) {
+			t.Fatal("this release's agent never reached the previous release's over mTLS")
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	l.want(t, "bookinfo/reviews", "productpage:9080", "200")
+	l.want(t, "legacy/sleep", "reviews:9080", "200")
+	strict, err := demoPolicies.ReadFile("demo/peer-auth-namespace-strict.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := l.Apply("strict.yaml", strict); err != nil {
+		t.Fatal(err)
+	}
+	deadline = time.Now().Add(10 * time.Second)
+	for l.Request(ctx, "legacy/sleep", l.mustTarget(t, "reviews:9080")).Result != "reset" {
+		if time.Now().After(deadline) {
+			t.Fatal("the previous release's agent never enforced STRICT from this release's controller")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	l.want(t, "bookinfo/frontend", "reviews:9080", "200")
+	b, err := os.ReadFile(l.path("logs", "agent-node-2.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bytes.Contains(b, []byte("NACK")) || bytes.Contains(b, []byte("rejected")) {
+		t.Fatalf("the previous release's agent refused this controller's config:\n%s", b)
+	}
 }
