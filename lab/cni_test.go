@@ -130,16 +130,7 @@ func get(ctx context.Context, ns, addr string) string {
 func TestCNIPlugin(t *testing.T) {
 	l := upLab(t, kubeLab)
 	ctx := context.Background()
-	strict, err := demoPolicies.ReadFile("demo/peer-auth-namespace-strict.yaml")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := l.Apply("strict.yaml", strict); err != nil {
-		t.Fatal(err)
-	}
-	if err := l.WaitObjects(ctx, []string{"PeerAuthentication bookinfo/default"}, nil); err != nil {
-		t.Fatal(err)
-	}
+	l.applyStrict(t)
 	l.want(t, "legacy/sleep", "reviews:9080", "reset")
 
 	kubeconfig := l.agentKubeconfig(t)

@@ -292,6 +292,22 @@ func TestResilience(t *testing.T) {
 	})
 }
 
+// applyStrict applies the demo's namespace-wide STRICT PeerAuthentication for bookinfo
+// and waits until the agents have it.
+func (l *Lab) applyStrict(t *testing.T) {
+	t.Helper()
+	strict, err := demoPolicies.ReadFile("demo/peer-auth-namespace-strict.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := l.Apply("strict.yaml", strict); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.WaitObjects(context.Background(), []string{"PeerAuthentication bookinfo/default"}, nil); err != nil {
+		t.Fatal(err)
+	}
+}
+
 func (l *Lab) mustTarget(t *testing.T, to string) string {
 	t.Helper()
 	a, err := l.target(to)

@@ -32,16 +32,7 @@ func TestCNIShapes(t *testing.T) {
 			}
 			// Same node (node-1), under STRICT: enrolled to enrolled over mTLS, plaintext
 			// from a pod outside the mesh refused, although the bridge would switch it.
-			strict, err := demoPolicies.ReadFile("demo/peer-auth-namespace-strict.yaml")
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := l.Apply("strict.yaml", strict); err != nil {
-				t.Fatal(err)
-			}
-			if err := l.WaitObjects(ctx, []string{"PeerAuthentication bookinfo/default"}, nil); err != nil {
-				t.Fatal(err)
-			}
+			l.applyStrict(t)
 			l.want(t, "bookinfo/frontend", "productpage:9080", "200")
 			l.want(t, "bookinfo/productpage", "frontend:9080", "200")
 			l.want(t, "legacy/sleep", "productpage:9080", "reset")

@@ -15,16 +15,7 @@ import (
 func TestUninstallRemovesTheCapture(t *testing.T) {
 	l := upLab(t, func(_ *Spec, o *Options) { o.AgentArgs = []string{"--uninstall=never"} })
 	ctx := context.Background()
-	strict, err := demoPolicies.ReadFile("demo/peer-auth-namespace-strict.yaml")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := l.Apply("strict.yaml", strict); err != nil {
-		t.Fatal(err)
-	}
-	if err := l.WaitObjects(ctx, []string{"PeerAuthentication bookinfo/default"}, nil); err != nil {
-		t.Fatal(err)
-	}
+	l.applyStrict(t)
 	l.want(t, "legacy/sleep", "reviews:9080", "reset")     // node-2
 	l.want(t, "legacy/sleep", "productpage:9080", "reset") // node-1
 
