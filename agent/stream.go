@@ -184,7 +184,7 @@ func (s *ControllerSource) session(ctx context.Context, client api.ConfigService
 		return false, err
 	}
 	epoch, version := s.Version()
-	sub := &api.Subscribe{Node: s.Agent.opts.Node, Epoch: epoch, Version: version}
+	sub := &api.Subscribe{Node: s.Agent.opts.Node, Epoch: epoch, Version: version, Kinds: api.Kinds()}
 	if err := stream.Send(&api.AgentMessage{Message: &api.AgentMessage_Subscribe{Subscribe: sub}}); err != nil {
 		return false, recvErr(stream, err)
 	}
@@ -374,8 +374,14 @@ func (h *heldConfig) state() *cluster.State {
 			st.Services = append(st.Services, e.dec.Service)
 		case e.dec.Slice != nil:
 			st.EndpointSlices = append(st.EndpointSlices, e.dec.Slice)
+		case e.dec.Gateway != nil:
+			st.Gateways = append(st.Gateways, e.dec.Gateway)
 		}
 	}
+	sort.Slice(st.Gateways, func(i, j int) bool {
+		a, b := st.Gateways[i], st.Gateways[j]
+		return a.Namespace < b.Namespace || a.Namespace == b.Namespace && a.Name < b.Name
+	})
 	sort.Slice(st.EndpointSlices, func(i, j int) bool {
 		a, b := st.EndpointSlices[i], st.EndpointSlices[j]
 		return a.Namespace < b.Namespace || a.Namespace == b.Namespace && a.Name < b.Name

@@ -4,12 +4,14 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
+	"reflect"
 	"slices"
 	"sort"
 	"strconv"
@@ -726,4 +728,71 @@ func TestStreamRefusesAnOlderGeneration(t *testing.T) {
 			t.Fatalf("generation %d: holds %d, want %d", tc.gen, next.generation, tc.want)
 		}
 	}
+}
+
+// streamWaypoint is a Gateway API waypoint; %d is its listener port.
+const streamWaypoint = `
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: bookinfo}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: %d, protocol: HBONE}]
+status:
+  addresses: [{type: IPAddress, value: 10.96.0.20}, {type: Hostname, value: waypoint.bookinfo.svc.cluster.local}]
+`
+
+// agentGateways returns the Gateways of the cluster state the agent was last updated with.
+func agentGateways(a *Agent) []*cluster.Gateway {
+	a.updateMu.Lock()
+	defer a.updateMu.Unlock()
+	if a.lastState == nil {
+		return nil
+	}
+	return a.lastState.Gateways
+}
+
+// TestStreamGatewayReachesAgent: a Gateway (a waypoint) goes from the controller's source
+// to the agent's cluster state, changes, keeps its last good version while it is bad,
+// and goes when it is deleted.
+func TestStreamGatewayReachesAgent(t *testing.T) {
+	ca, dir := newStreamCA(t), t.TempDir()
+	writeConfig(t, dir, "cluster.yaml", streamCluster)
+	writeConfig(t, dir, "waypoint.yaml", fmt.Sprintf(streamWaypoint, 15008))
+	c := startStreamController(t, ca, dir, "127.0.0.1:0")
+	a := startStreamAgent(t, ca, "node-2", c.Addr, "")
+
+	hasPort := func(port uint16) func() bool {
+		return func() bool {
+			gws := agentGateways(a.Agent)
+			return len(gws) == 1 && len(gws[0].Listeners) == 1 && gws[0].Listeners[0].Port == port
+		}
+	}
+	streamWait(t, "the waypoint", hasPort(15008), c.Log, a.Log)
+	want := &cluster.Gateway{Namespace: "bookinfo", Name: "waypoint", ClassName: cluster.WaypointClass,
+		Listeners: []cluster.GatewayListener{{Name: "mesh", Port: 15008, Protocol: "HBONE"}},
+		Addresses: []netip.Addr{netip.MustParseAddr("10.96.0.20")}, Hostnames: []string{"waypoint.bookinfo.svc.cluster.local"},
+		Source: filepath.Join(dir, "waypoint.yaml") + "#1"}
+	if got := a.Source.current().state().Gateways; len(got) != 1 || !reflect.DeepEqual(got[0], want) {
+		t.Fatalf("agent decoded %+v, want %+v", got, want)
+	}
+
+	writeConfig(t, dir, "waypoint.yaml", fmt.Sprintf(streamWaypoint, 15009))
+	streamWait(t, "the new listener port", hasPort(15009), c.Log, a.Log)
+
+	// Bad: the controller keeps serving the last good version.
+	_, before := a.Source.Version()
+	writeConfig(t, dir, "waypoint.yaml", fmt.Sprintf(streamWaypoint, 70000))
+	streamWait(t, "the controller to report the bad Gateway", func() bool {
+		l := c.Log.String()
+		return strings.Contains(l, "gateway bookinfo/waypoint: spec.listeners[0].port: 70000 is not a port") &&
+			strings.Contains(l, "GATEWAY bookinfo/waypoint: keeping its last good version")
+	}, c.Log)
+	time.Sleep(300 * time.Millisecond)
+	if _, v := a.Source.Version(); v != before || !hasPort(15009)() {
+		t.Fatalf("after a bad Gateway: version %d -> %d, gateways %+v; want no change", before, v, agentGateways(a.Agent))
+	}
+
+	os.Remove(filepath.Join(dir, "waypoint.yaml"))
+	streamWait(t, "the waypoint deleted", func() bool { _, v := a.Source.Version(); return v > before && len(agentGateways(a.Agent)) == 0 }, c.Log, a.Log)
 }

@@ -44,6 +44,7 @@ const (
 	Kind_KIND_AUTHORIZATION_POLICY   Kind = 5
 	Kind_KIND_REQUEST_AUTHENTICATION Kind = 6
 	Kind_KIND_ENDPOINT_SLICE         Kind = 7
+	Kind_KIND_GATEWAY                Kind = 8
 )
 
 // Enum value maps for Kind.
@@ -57,6 +58,7 @@ var (
 		5: "KIND_AUTHORIZATION_POLICY",
 		6: "KIND_REQUEST_AUTHENTICATION",
 		7: "KIND_ENDPOINT_SLICE",
+		8: "KIND_GATEWAY",
 	}
 	Kind_value = map[string]int32{
 		"KIND_UNSPECIFIED":            0,
@@ -67,6 +69,7 @@ var (
 		"KIND_AUTHORIZATION_POLICY":   5,
 		"KIND_REQUEST_AUTHENTICATION": 6,
 		"KIND_ENDPOINT_SLICE":         7,
+		"KIND_GATEWAY":                8,
 	}
 )
 
@@ -203,8 +206,13 @@ type Subscribe struct {
 	// The epoch and version of the config the agent holds (from a previous stream or its
 	// disk cache), or empty and 0 when it holds none. The controller resumes with a delta
 	// when it can, and sends a full snapshot otherwise.
-	Epoch         string `protobuf:"bytes,2,opt,name=epoch,proto3" json:"epoch,omitempty"`
-	Version       uint64 `protobuf:"varint,3,opt,name=version,proto3" json:"version,omitempty"`
+	Epoch   string `protobuf:"bytes,2,opt,name=epoch,proto3" json:"epoch,omitempty"`
+	Version uint64 `protobuf:"varint,3,opt,name=version,proto3" json:"version,omitempty"`
+	// The kinds this agent decodes (api.Kinds of its release). The controller sends it
+	// nothing of any other kind, so an agent one release behind never meets a resource it
+	// would have to refuse. Empty: an agent from before this field, which decodes
+	// namespaces, workloads, services and the three security kinds.
+	Kinds         []Kind `protobuf:"varint,4,rep,packed,name=kinds,proto3,enum=veil.config.v1.Kind" json:"kinds,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -258,6 +266,13 @@ func (x *Subscribe) GetVersion() uint64 {
 		return x.Version
 	}
 	return 0
+}
+
+func (x *Subscribe) GetKinds() []Kind {
+	if x != nil {
+		return x.Kinds
+	}
+	return nil
 }
 
 // Ack says the agent applied the push of that version.
@@ -532,6 +547,7 @@ type Resource struct {
 	//	*Resource_Service
 	//	*Resource_Policy
 	//	*Resource_EndpointSlice
+	//	*Resource_Gateway
 	Resource      isResource_Resource `protobuf_oneof:"resource"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -619,6 +635,15 @@ func (x *Resource) GetEndpointSlice() *EndpointSlice {
 	return nil
 }
 
+func (x *Resource) GetGateway() *Gateway {
+	if x != nil {
+		if x, ok := x.Resource.(*Resource_Gateway); ok {
+			return x.Gateway
+		}
+	}
+	return nil
+}
+
 type isResource_Resource interface {
 	isResource_Resource()
 }
@@ -643,6 +668,10 @@ type Resource_EndpointSlice struct {
 	EndpointSlice *EndpointSlice `protobuf:"bytes,5,opt,name=endpoint_slice,json=endpointSlice,proto3,oneof"`
 }
 
+type Resource_Gateway struct {
+	Gateway *Gateway `protobuf:"bytes,6,opt,name=gateway,proto3,oneof"`
+}
+
 func (*Resource_Namespace) isResource_Resource() {}
 
 func (*Resource_Workload) isResource_Resource() {}
@@ -652,6 +681,177 @@ func (*Resource_Service) isResource_Resource() {}
 func (*Resource_Policy) isResource_Resource() {}
 
 func (*Resource_EndpointSlice) isResource_Resource() {}
+
+func (*Resource_Gateway) isResource_Resource() {}
+
+// Gateway is a gateway.networking.k8s.io Gateway: in ambient, a waypoint when its class
+// is istio-waypoint.
+type Gateway struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Namespace string                 `protobuf:"bytes,1,opt,name=namespace,proto3" json:"namespace,omitempty"`
+	Name      string                 `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	// class_name is spec.gatewayClassName.
+	ClassName string             `protobuf:"bytes,3,opt,name=class_name,json=className,proto3" json:"class_name,omitempty"`
+	Listeners []*GatewayListener `protobuf:"bytes,4,rep,name=listeners,proto3" json:"listeners,omitempty"`
+	// addresses are the IP addresses of status.addresses, 4 or 16 bytes each.
+	Addresses [][]byte `protobuf:"bytes,5,rep,name=addresses,proto3" json:"addresses,omitempty"`
+	// hostnames are the Hostname addresses of status.addresses.
+	Hostnames []string          `protobuf:"bytes,6,rep,name=hostnames,proto3" json:"hostnames,omitempty"`
+	Labels    map[string]string `protobuf:"bytes,7,rep,name=labels,proto3" json:"labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// source says where the controller read the Gateway (file#document), if from a file.
+	Source        string `protobuf:"bytes,8,opt,name=source,proto3" json:"source,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Gateway) Reset() {
+	*x = Gateway{}
+	mi := &file_config_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Gateway) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Gateway) ProtoMessage() {}
+
+func (x *Gateway) ProtoReflect() protoreflect.Message {
+	mi := &file_config_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Gateway.ProtoReflect.Descriptor instead.
+func (*Gateway) Descriptor() ([]byte, []int) {
+	return file_config_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *Gateway) GetNamespace() string {
+	if x != nil {
+		return x.Namespace
+	}
+	return ""
+}
+
+func (x *Gateway) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *Gateway) GetClassName() string {
+	if x != nil {
+		return x.ClassName
+	}
+	return ""
+}
+
+func (x *Gateway) GetListeners() []*GatewayListener {
+	if x != nil {
+		return x.Listeners
+	}
+	return nil
+}
+
+func (x *Gateway) GetAddresses() [][]byte {
+	if x != nil {
+		return x.Addresses
+	}
+	return nil
+}
+
+func (x *Gateway) GetHostnames() []string {
+	if x != nil {
+		return x.Hostnames
+	}
+	return nil
+}
+
+func (x *Gateway) GetLabels() map[string]string {
+	if x != nil {
+		return x.Labels
+	}
+	return nil
+}
+
+func (x *Gateway) GetSource() string {
+	if x != nil {
+		return x.Source
+	}
+	return ""
+}
+
+// GatewayListener is one of a Gateway's spec.listeners.
+type GatewayListener struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// name is unique within the Gateway.
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Port uint32 `protobuf:"varint,2,opt,name=port,proto3" json:"port,omitempty"`
+	// protocol is the listener's (HTTP, HTTPS, TLS, TCP, UDP, HBONE for a waypoint, ...).
+	Protocol      string `protobuf:"bytes,3,opt,name=protocol,proto3" json:"protocol,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GatewayListener) Reset() {
+	*x = GatewayListener{}
+	mi := &file_config_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GatewayListener) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GatewayListener) ProtoMessage() {}
+
+func (x *GatewayListener) ProtoReflect() protoreflect.Message {
+	mi := &file_config_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GatewayListener.ProtoReflect.Descriptor instead.
+func (*GatewayListener) Descriptor() ([]byte, []int) {
+	return file_config_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *GatewayListener) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *GatewayListener) GetPort() uint32 {
+	if x != nil {
+		return x.Port
+	}
+	return 0
+}
+
+func (x *GatewayListener) GetProtocol() string {
+	if x != nil {
+		return x.Protocol
+	}
+	return ""
+}
 
 // EndpointSlice is a discovery.k8s.io/v1 EndpointSlice of a Service (the endpoints of a
 // Service without a selector).
@@ -670,7 +870,7 @@ type EndpointSlice struct {
 
 func (x *EndpointSlice) Reset() {
 	*x = EndpointSlice{}
-	mi := &file_config_proto_msgTypes[7]
+	mi := &file_config_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -682,7 +882,7 @@ func (x *EndpointSlice) String() string {
 func (*EndpointSlice) ProtoMessage() {}
 
 func (x *EndpointSlice) ProtoReflect() protoreflect.Message {
-	mi := &file_config_proto_msgTypes[7]
+	mi := &file_config_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -695,7 +895,7 @@ func (x *EndpointSlice) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EndpointSlice.ProtoReflect.Descriptor instead.
 func (*EndpointSlice) Descriptor() ([]byte, []int) {
-	return file_config_proto_rawDescGZIP(), []int{7}
+	return file_config_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *EndpointSlice) GetNamespace() string {
@@ -753,7 +953,7 @@ type EndpointPort struct {
 
 func (x *EndpointPort) Reset() {
 	*x = EndpointPort{}
-	mi := &file_config_proto_msgTypes[8]
+	mi := &file_config_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -765,7 +965,7 @@ func (x *EndpointPort) String() string {
 func (*EndpointPort) ProtoMessage() {}
 
 func (x *EndpointPort) ProtoReflect() protoreflect.Message {
-	mi := &file_config_proto_msgTypes[8]
+	mi := &file_config_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -778,7 +978,7 @@ func (x *EndpointPort) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EndpointPort.ProtoReflect.Descriptor instead.
 func (*EndpointPort) Descriptor() ([]byte, []int) {
-	return file_config_proto_rawDescGZIP(), []int{8}
+	return file_config_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *EndpointPort) GetName() string {
@@ -813,7 +1013,7 @@ type Endpoint struct {
 
 func (x *Endpoint) Reset() {
 	*x = Endpoint{}
-	mi := &file_config_proto_msgTypes[9]
+	mi := &file_config_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -825,7 +1025,7 @@ func (x *Endpoint) String() string {
 func (*Endpoint) ProtoMessage() {}
 
 func (x *Endpoint) ProtoReflect() protoreflect.Message {
-	mi := &file_config_proto_msgTypes[9]
+	mi := &file_config_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -838,7 +1038,7 @@ func (x *Endpoint) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Endpoint.ProtoReflect.Descriptor instead.
 func (*Endpoint) Descriptor() ([]byte, []int) {
-	return file_config_proto_rawDescGZIP(), []int{9}
+	return file_config_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *Endpoint) GetAddresses() [][]byte {
@@ -866,7 +1066,7 @@ type Namespace struct {
 
 func (x *Namespace) Reset() {
 	*x = Namespace{}
-	mi := &file_config_proto_msgTypes[10]
+	mi := &file_config_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -878,7 +1078,7 @@ func (x *Namespace) String() string {
 func (*Namespace) ProtoMessage() {}
 
 func (x *Namespace) ProtoReflect() protoreflect.Message {
-	mi := &file_config_proto_msgTypes[10]
+	mi := &file_config_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -891,7 +1091,7 @@ func (x *Namespace) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Namespace.ProtoReflect.Descriptor instead.
 func (*Namespace) Descriptor() ([]byte, []int) {
-	return file_config_proto_rawDescGZIP(), []int{10}
+	return file_config_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *Namespace) GetName() string {
@@ -942,7 +1142,7 @@ type Workload struct {
 
 func (x *Workload) Reset() {
 	*x = Workload{}
-	mi := &file_config_proto_msgTypes[11]
+	mi := &file_config_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -954,7 +1154,7 @@ func (x *Workload) String() string {
 func (*Workload) ProtoMessage() {}
 
 func (x *Workload) ProtoReflect() protoreflect.Message {
-	mi := &file_config_proto_msgTypes[11]
+	mi := &file_config_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -967,7 +1167,7 @@ func (x *Workload) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Workload.ProtoReflect.Descriptor instead.
 func (*Workload) Descriptor() ([]byte, []int) {
-	return file_config_proto_rawDescGZIP(), []int{11}
+	return file_config_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *Workload) GetNamespace() string {
@@ -1092,7 +1292,7 @@ type Service struct {
 
 func (x *Service) Reset() {
 	*x = Service{}
-	mi := &file_config_proto_msgTypes[12]
+	mi := &file_config_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1104,7 +1304,7 @@ func (x *Service) String() string {
 func (*Service) ProtoMessage() {}
 
 func (x *Service) ProtoReflect() protoreflect.Message {
-	mi := &file_config_proto_msgTypes[12]
+	mi := &file_config_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1117,7 +1317,7 @@ func (x *Service) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Service.ProtoReflect.Descriptor instead.
 func (*Service) Descriptor() ([]byte, []int) {
-	return file_config_proto_rawDescGZIP(), []int{12}
+	return file_config_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *Service) GetNamespace() string {
@@ -1184,7 +1384,7 @@ type ServicePort struct {
 
 func (x *ServicePort) Reset() {
 	*x = ServicePort{}
-	mi := &file_config_proto_msgTypes[13]
+	mi := &file_config_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1196,7 +1396,7 @@ func (x *ServicePort) String() string {
 func (*ServicePort) ProtoMessage() {}
 
 func (x *ServicePort) ProtoReflect() protoreflect.Message {
-	mi := &file_config_proto_msgTypes[13]
+	mi := &file_config_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1209,7 +1409,7 @@ func (x *ServicePort) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ServicePort.ProtoReflect.Descriptor instead.
 func (*ServicePort) Descriptor() ([]byte, []int) {
-	return file_config_proto_rawDescGZIP(), []int{13}
+	return file_config_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ServicePort) GetName() string {
@@ -1263,7 +1463,7 @@ type ObjectMeta struct {
 
 func (x *ObjectMeta) Reset() {
 	*x = ObjectMeta{}
-	mi := &file_config_proto_msgTypes[14]
+	mi := &file_config_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1275,7 +1475,7 @@ func (x *ObjectMeta) String() string {
 func (*ObjectMeta) ProtoMessage() {}
 
 func (x *ObjectMeta) ProtoReflect() protoreflect.Message {
-	mi := &file_config_proto_msgTypes[14]
+	mi := &file_config_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1288,7 +1488,7 @@ func (x *ObjectMeta) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ObjectMeta.ProtoReflect.Descriptor instead.
 func (*ObjectMeta) Descriptor() ([]byte, []int) {
-	return file_config_proto_rawDescGZIP(), []int{14}
+	return file_config_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ObjectMeta) GetNamespace() string {
@@ -1351,7 +1551,7 @@ type Policy struct {
 
 func (x *Policy) Reset() {
 	*x = Policy{}
-	mi := &file_config_proto_msgTypes[15]
+	mi := &file_config_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1363,7 +1563,7 @@ func (x *Policy) String() string {
 func (*Policy) ProtoMessage() {}
 
 func (x *Policy) ProtoReflect() protoreflect.Message {
-	mi := &file_config_proto_msgTypes[15]
+	mi := &file_config_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1376,7 +1576,7 @@ func (x *Policy) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Policy.ProtoReflect.Descriptor instead.
 func (*Policy) Descriptor() ([]byte, []int) {
-	return file_config_proto_rawDescGZIP(), []int{15}
+	return file_config_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *Policy) GetMetadata() *ObjectMeta {
@@ -1458,11 +1658,12 @@ const file_config_proto_rawDesc = "" +
 	"\tsubscribe\x18\x01 \x01(\v2\x19.veil.config.v1.SubscribeH\x00R\tsubscribe\x12'\n" +
 	"\x03ack\x18\x02 \x01(\v2\x13.veil.config.v1.AckH\x00R\x03ack\x12*\n" +
 	"\x04nack\x18\x03 \x01(\v2\x14.veil.config.v1.NackH\x00R\x04nackB\t\n" +
-	"\amessage\"O\n" +
+	"\amessage\"{\n" +
 	"\tSubscribe\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x14\n" +
 	"\x05epoch\x18\x02 \x01(\tR\x05epoch\x12\x18\n" +
-	"\aversion\x18\x03 \x01(\x04R\aversion\"\x1f\n" +
+	"\aversion\x18\x03 \x01(\x04R\aversion\x12*\n" +
+	"\x05kinds\x18\x04 \x03(\x0e2\x14.veil.config.v1.KindR\x05kinds\"\x1f\n" +
 	"\x03Ack\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\x04R\aversion\"8\n" +
 	"\x04Nack\x12\x18\n" +
@@ -1481,15 +1682,33 @@ const file_config_proto_rawDesc = "" +
 	"\vResourceKey\x12(\n" +
 	"\x04kind\x18\x01 \x01(\x0e2\x14.veil.config.v1.KindR\x04kind\x12\x1c\n" +
 	"\tnamespace\x18\x02 \x01(\tR\tnamespace\x12\x12\n" +
-	"\x04name\x18\x03 \x01(\tR\x04name\"\xb8\x02\n" +
+	"\x04name\x18\x03 \x01(\tR\x04name\"\xed\x02\n" +
 	"\bResource\x129\n" +
 	"\tnamespace\x18\x01 \x01(\v2\x19.veil.config.v1.NamespaceH\x00R\tnamespace\x126\n" +
 	"\bworkload\x18\x02 \x01(\v2\x18.veil.config.v1.WorkloadH\x00R\bworkload\x123\n" +
 	"\aservice\x18\x03 \x01(\v2\x17.veil.config.v1.ServiceH\x00R\aservice\x120\n" +
 	"\x06policy\x18\x04 \x01(\v2\x16.veil.config.v1.PolicyH\x00R\x06policy\x12F\n" +
-	"\x0eendpoint_slice\x18\x05 \x01(\v2\x1d.veil.config.v1.EndpointSliceH\x00R\rendpointSliceB\n" +
+	"\x0eendpoint_slice\x18\x05 \x01(\v2\x1d.veil.config.v1.EndpointSliceH\x00R\rendpointSlice\x123\n" +
+	"\agateway\x18\x06 \x01(\v2\x17.veil.config.v1.GatewayH\x00R\agatewayB\n" +
 	"\n" +
-	"\bresource\"\xdf\x01\n" +
+	"\bresource\"\xe5\x02\n" +
+	"\aGateway\x12\x1c\n" +
+	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\x12\x1d\n" +
+	"\n" +
+	"class_name\x18\x03 \x01(\tR\tclassName\x12=\n" +
+	"\tlisteners\x18\x04 \x03(\v2\x1f.veil.config.v1.GatewayListenerR\tlisteners\x12\x1c\n" +
+	"\taddresses\x18\x05 \x03(\fR\taddresses\x12\x1c\n" +
+	"\thostnames\x18\x06 \x03(\tR\thostnames\x12;\n" +
+	"\x06labels\x18\a \x03(\v2#.veil.config.v1.Gateway.LabelsEntryR\x06labels\x12\x16\n" +
+	"\x06source\x18\b \x01(\tR\x06source\x1a9\n" +
+	"\vLabelsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"U\n" +
+	"\x0fGatewayListener\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
+	"\x04port\x18\x02 \x01(\rR\x04port\x12\x1a\n" +
+	"\bprotocol\x18\x03 \x01(\tR\bprotocol\"\xdf\x01\n" +
 	"\rEndpointSlice\x12\x1c\n" +
 	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x18\n" +
@@ -1581,7 +1800,7 @@ const file_config_proto_rawDesc = "" +
 	"\x13peer_authentication\x18\x03 \x01(\v2*.istio.security.v1beta1.PeerAuthenticationH\x00R\x12peerAuthentication\x12`\n" +
 	"\x14authorization_policy\x18\x04 \x01(\v2+.istio.security.v1beta1.AuthorizationPolicyH\x00R\x13authorizationPolicy\x12f\n" +
 	"\x16request_authentication\x18\x05 \x01(\v2-.istio.security.v1beta1.RequestAuthenticationH\x00R\x15requestAuthenticationB\x06\n" +
-	"\x04spec*\xcc\x01\n" +
+	"\x04spec*\xde\x01\n" +
 	"\x04Kind\x12\x14\n" +
 	"\x10KIND_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0eKIND_NAMESPACE\x10\x01\x12\x11\n" +
@@ -1590,7 +1809,8 @@ const file_config_proto_rawDesc = "" +
 	"\x18KIND_PEER_AUTHENTICATION\x10\x04\x12\x1d\n" +
 	"\x19KIND_AUTHORIZATION_POLICY\x10\x05\x12\x1f\n" +
 	"\x1bKIND_REQUEST_AUTHENTICATION\x10\x06\x12\x17\n" +
-	"\x13KIND_ENDPOINT_SLICE\x10\a2T\n" +
+	"\x13KIND_ENDPOINT_SLICE\x10\a\x12\x10\n" +
+	"\fKIND_GATEWAY\x10\b2T\n" +
 	"\rConfigService\x12C\n" +
 	"\tSubscribe\x12\x1c.veil.config.v1.AgentMessage\x1a\x14.veil.config.v1.Push(\x010\x01B\"Z github.com/veilmesh/veil/api;apib\x06proto3"
 
@@ -1607,7 +1827,7 @@ func file_config_proto_rawDescGZIP() []byte {
 }
 
 var file_config_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_config_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
+var file_config_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
 var file_config_proto_goTypes = []any{
 	(Kind)(0),                             // 0: veil.config.v1.Kind
 	(*AgentMessage)(nil),                  // 1: veil.config.v1.AgentMessage
@@ -1617,63 +1837,70 @@ var file_config_proto_goTypes = []any{
 	(*Push)(nil),                          // 5: veil.config.v1.Push
 	(*ResourceKey)(nil),                   // 6: veil.config.v1.ResourceKey
 	(*Resource)(nil),                      // 7: veil.config.v1.Resource
-	(*EndpointSlice)(nil),                 // 8: veil.config.v1.EndpointSlice
-	(*EndpointPort)(nil),                  // 9: veil.config.v1.EndpointPort
-	(*Endpoint)(nil),                      // 10: veil.config.v1.Endpoint
-	(*Namespace)(nil),                     // 11: veil.config.v1.Namespace
-	(*Workload)(nil),                      // 12: veil.config.v1.Workload
-	(*Service)(nil),                       // 13: veil.config.v1.Service
-	(*ServicePort)(nil),                   // 14: veil.config.v1.ServicePort
-	(*ObjectMeta)(nil),                    // 15: veil.config.v1.ObjectMeta
-	(*Policy)(nil),                        // 16: veil.config.v1.Policy
-	nil,                                   // 17: veil.config.v1.Namespace.LabelsEntry
-	nil,                                   // 18: veil.config.v1.Workload.LabelsEntry
-	nil,                                   // 19: veil.config.v1.Workload.AnnotationsEntry
-	nil,                                   // 20: veil.config.v1.Workload.NamedPortsEntry
-	nil,                                   // 21: veil.config.v1.Service.LabelsEntry
-	nil,                                   // 22: veil.config.v1.Service.SelectorEntry
-	nil,                                   // 23: veil.config.v1.ObjectMeta.LabelsEntry
-	nil,                                   // 24: veil.config.v1.ObjectMeta.AnnotationsEntry
-	(*timestamppb.Timestamp)(nil),         // 25: google.protobuf.Timestamp
-	(*v1beta1.PeerAuthentication)(nil),    // 26: istio.security.v1beta1.PeerAuthentication
-	(*v1beta1.AuthorizationPolicy)(nil),   // 27: istio.security.v1beta1.AuthorizationPolicy
-	(*v1beta1.RequestAuthentication)(nil), // 28: istio.security.v1beta1.RequestAuthentication
+	(*Gateway)(nil),                       // 8: veil.config.v1.Gateway
+	(*GatewayListener)(nil),               // 9: veil.config.v1.GatewayListener
+	(*EndpointSlice)(nil),                 // 10: veil.config.v1.EndpointSlice
+	(*EndpointPort)(nil),                  // 11: veil.config.v1.EndpointPort
+	(*Endpoint)(nil),                      // 12: veil.config.v1.Endpoint
+	(*Namespace)(nil),                     // 13: veil.config.v1.Namespace
+	(*Workload)(nil),                      // 14: veil.config.v1.Workload
+	(*Service)(nil),                       // 15: veil.config.v1.Service
+	(*ServicePort)(nil),                   // 16: veil.config.v1.ServicePort
+	(*ObjectMeta)(nil),                    // 17: veil.config.v1.ObjectMeta
+	(*Policy)(nil),                        // 18: veil.config.v1.Policy
+	nil,                                   // 19: veil.config.v1.Gateway.LabelsEntry
+	nil,                                   // 20: veil.config.v1.Namespace.LabelsEntry
+	nil,                                   // 21: veil.config.v1.Workload.LabelsEntry
+	nil,                                   // 22: veil.config.v1.Workload.AnnotationsEntry
+	nil,                                   // 23: veil.config.v1.Workload.NamedPortsEntry
+	nil,                                   // 24: veil.config.v1.Service.LabelsEntry
+	nil,                                   // 25: veil.config.v1.Service.SelectorEntry
+	nil,                                   // 26: veil.config.v1.ObjectMeta.LabelsEntry
+	nil,                                   // 27: veil.config.v1.ObjectMeta.AnnotationsEntry
+	(*timestamppb.Timestamp)(nil),         // 28: google.protobuf.Timestamp
+	(*v1beta1.PeerAuthentication)(nil),    // 29: istio.security.v1beta1.PeerAuthentication
+	(*v1beta1.AuthorizationPolicy)(nil),   // 30: istio.security.v1beta1.AuthorizationPolicy
+	(*v1beta1.RequestAuthentication)(nil), // 31: istio.security.v1beta1.RequestAuthentication
 }
 var file_config_proto_depIdxs = []int32{
 	2,  // 0: veil.config.v1.AgentMessage.subscribe:type_name -> veil.config.v1.Subscribe
 	3,  // 1: veil.config.v1.AgentMessage.ack:type_name -> veil.config.v1.Ack
 	4,  // 2: veil.config.v1.AgentMessage.nack:type_name -> veil.config.v1.Nack
-	7,  // 3: veil.config.v1.Push.resources:type_name -> veil.config.v1.Resource
-	6,  // 4: veil.config.v1.Push.removed:type_name -> veil.config.v1.ResourceKey
-	0,  // 5: veil.config.v1.ResourceKey.kind:type_name -> veil.config.v1.Kind
-	11, // 6: veil.config.v1.Resource.namespace:type_name -> veil.config.v1.Namespace
-	12, // 7: veil.config.v1.Resource.workload:type_name -> veil.config.v1.Workload
-	13, // 8: veil.config.v1.Resource.service:type_name -> veil.config.v1.Service
-	16, // 9: veil.config.v1.Resource.policy:type_name -> veil.config.v1.Policy
-	8,  // 10: veil.config.v1.Resource.endpoint_slice:type_name -> veil.config.v1.EndpointSlice
-	9,  // 11: veil.config.v1.EndpointSlice.ports:type_name -> veil.config.v1.EndpointPort
-	10, // 12: veil.config.v1.EndpointSlice.endpoints:type_name -> veil.config.v1.Endpoint
-	17, // 13: veil.config.v1.Namespace.labels:type_name -> veil.config.v1.Namespace.LabelsEntry
-	18, // 14: veil.config.v1.Workload.labels:type_name -> veil.config.v1.Workload.LabelsEntry
-	19, // 15: veil.config.v1.Workload.annotations:type_name -> veil.config.v1.Workload.AnnotationsEntry
-	20, // 16: veil.config.v1.Workload.named_ports:type_name -> veil.config.v1.Workload.NamedPortsEntry
-	21, // 17: veil.config.v1.Service.labels:type_name -> veil.config.v1.Service.LabelsEntry
-	22, // 18: veil.config.v1.Service.selector:type_name -> veil.config.v1.Service.SelectorEntry
-	14, // 19: veil.config.v1.Service.ports:type_name -> veil.config.v1.ServicePort
-	23, // 20: veil.config.v1.ObjectMeta.labels:type_name -> veil.config.v1.ObjectMeta.LabelsEntry
-	24, // 21: veil.config.v1.ObjectMeta.annotations:type_name -> veil.config.v1.ObjectMeta.AnnotationsEntry
-	25, // 22: veil.config.v1.ObjectMeta.creation_timestamp:type_name -> google.protobuf.Timestamp
-	15, // 23: veil.config.v1.Policy.metadata:type_name -> veil.config.v1.ObjectMeta
-	26, // 24: veil.config.v1.Policy.peer_authentication:type_name -> istio.security.v1beta1.PeerAuthentication
-	27, // 25: veil.config.v1.Policy.authorization_policy:type_name -> istio.security.v1beta1.AuthorizationPolicy
-	28, // 26: veil.config.v1.Policy.request_authentication:type_name -> istio.security.v1beta1.RequestAuthentication
-	1,  // 27: veil.config.v1.ConfigService.Subscribe:input_type -> veil.config.v1.AgentMessage
-	5,  // 28: veil.config.v1.ConfigService.Subscribe:output_type -> veil.config.v1.Push
-	28, // [28:29] is the sub-list for method output_type
-	27, // [27:28] is the sub-list for method input_type
-	27, // [27:27] is the sub-list for extension type_name
-	27, // [27:27] is the sub-list for extension extendee
-	0,  // [0:27] is the sub-list for field type_name
+	0,  // 3: veil.config.v1.Subscribe.kinds:type_name -> veil.config.v1.Kind
+	7,  // 4: veil.config.v1.Push.resources:type_name -> veil.config.v1.Resource
+	6,  // 5: veil.config.v1.Push.removed:type_name -> veil.config.v1.ResourceKey
+	0,  // 6: veil.config.v1.ResourceKey.kind:type_name -> veil.config.v1.Kind
+	13, // 7: veil.config.v1.Resource.namespace:type_name -> veil.config.v1.Namespace
+	14, // 8: veil.config.v1.Resource.workload:type_name -> veil.config.v1.Workload
+	15, // 9: veil.config.v1.Resource.service:type_name -> veil.config.v1.Service
+	18, // 10: veil.config.v1.Resource.policy:type_name -> veil.config.v1.Policy
+	10, // 11: veil.config.v1.Resource.endpoint_slice:type_name -> veil.config.v1.EndpointSlice
+	8,  // 12: veil.config.v1.Resource.gateway:type_name -> veil.config.v1.Gateway
+	9,  // 13: veil.config.v1.Gateway.listeners:type_name -> veil.config.v1.GatewayListener
+	19, // 14: veil.config.v1.Gateway.labels:type_name -> veil.config.v1.Gateway.LabelsEntry
+	11, // 15: veil.config.v1.EndpointSlice.ports:type_name -> veil.config.v1.EndpointPort
+	12, // 16: veil.config.v1.EndpointSlice.endpoints:type_name -> veil.config.v1.Endpoint
+	20, // 17: veil.config.v1.Namespace.labels:type_name -> veil.config.v1.Namespace.LabelsEntry
+	21, // 18: veil.config.v1.Workload.labels:type_name -> veil.config.v1.Workload.LabelsEntry
+	22, // 19: veil.config.v1.Workload.annotations:type_name -> veil.config.v1.Workload.AnnotationsEntry
+	23, // 20: veil.config.v1.Workload.named_ports:type_name -> veil.config.v1.Workload.NamedPortsEntry
+	24, // 21: veil.config.v1.Service.labels:type_name -> veil.config.v1.Service.LabelsEntry
+	25, // 22: veil.config.v1.Service.selector:type_name -> veil.config.v1.Service.SelectorEntry
+	16, // 23: veil.config.v1.Service.ports:type_name -> veil.config.v1.ServicePort
+	26, // 24: veil.config.v1.ObjectMeta.labels:type_name -> veil.config.v1.ObjectMeta.LabelsEntry
+	27, // 25: veil.config.v1.ObjectMeta.annotations:type_name -> veil.config.v1.ObjectMeta.AnnotationsEntry
+	28, // 26: veil.config.v1.ObjectMeta.creation_timestamp:type_name -> google.protobuf.Timestamp
+	17, // 27: veil.config.v1.Policy.metadata:type_name -> veil.config.v1.ObjectMeta
+	29, // 28: veil.config.v1.Policy.peer_authentication:type_name -> istio.security.v1beta1.PeerAuthentication
+	30, // 29: veil.config.v1.Policy.authorization_policy:type_name -> istio.security.v1beta1.AuthorizationPolicy
+	31, // 30: veil.config.v1.Policy.request_authentication:type_name -> istio.security.v1beta1.RequestAuthentication
+	1,  // 31: veil.config.v1.ConfigService.Subscribe:input_type -> veil.config.v1.AgentMessage
+	5,  // 32: veil.config.v1.ConfigService.Subscribe:output_type -> veil.config.v1.Push
+	32, // [32:33] is the sub-list for method output_type
+	31, // [31:32] is the sub-list for method input_type
+	31, // [31:31] is the sub-list for extension type_name
+	31, // [31:31] is the sub-list for extension extendee
+	0,  // [0:31] is the sub-list for field type_name
 }
 
 func init() { file_config_proto_init() }
@@ -1692,8 +1919,9 @@ func file_config_proto_init() {
 		(*Resource_Service)(nil),
 		(*Resource_Policy)(nil),
 		(*Resource_EndpointSlice)(nil),
+		(*Resource_Gateway)(nil),
 	}
-	file_config_proto_msgTypes[15].OneofWrappers = []any{
+	file_config_proto_msgTypes[17].OneofWrappers = []any{
 		(*Policy_PeerAuthentication)(nil),
 		(*Policy_AuthorizationPolicy)(nil),
 		(*Policy_RequestAuthentication)(nil),
@@ -1704,7 +1932,7 @@ func file_config_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_config_proto_rawDesc), len(file_config_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   24,
+			NumMessages:   27,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

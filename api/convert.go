@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"sort"
 	"strings"
 
@@ -32,6 +33,19 @@ func (k Key) String() string {
 // Proto returns k as a ResourceKey message.
 func (k Key) Proto() *ResourceKey {
 	return &ResourceKey{Kind: k.Kind, Namespace: k.Namespace, Name: k.Name}
+}
+
+// Kinds are the kinds this release decodes, sent in Subscribe.
+func Kinds() []Kind {
+	return []Kind{Kind_KIND_NAMESPACE, Kind_KIND_WORKLOAD, Kind_KIND_SERVICE, Kind_KIND_PEER_AUTHENTICATION,
+		Kind_KIND_AUTHORIZATION_POLICY, Kind_KIND_REQUEST_AUTHENTICATION, Kind_KIND_ENDPOINT_SLICE, Kind_KIND_GATEWAY}
+}
+
+// LegacyKinds are what an agent decodes whose Subscribe lists no kinds (a release from
+// before the field).
+func LegacyKinds() []Kind {
+	return []Kind{Kind_KIND_NAMESPACE, Kind_KIND_WORKLOAD, Kind_KIND_SERVICE, Kind_KIND_PEER_AUTHENTICATION,
+		Kind_KIND_AUTHORIZATION_POLICY, Kind_KIND_REQUEST_AUTHENTICATION}
 }
 
 // PolicyKey returns the policy.Key of a policy's Key; ok is false for other kinds.
@@ -94,6 +108,8 @@ func (r *Resource) Key() Key {
 		return Key{Kind: Kind_KIND_SERVICE, Namespace: v.Service.GetNamespace(), Name: v.Service.GetName()}
 	case *Resource_EndpointSlice:
 		return Key{Kind: Kind_KIND_ENDPOINT_SLICE, Namespace: v.EndpointSlice.GetNamespace(), Name: v.EndpointSlice.GetName()}
+	case *Resource_Gateway:
+		return Key{Kind: Kind_KIND_GATEWAY, Namespace: v.Gateway.GetNamespace(), Name: v.Gateway.GetName()}
 	case *Resource_Policy:
 		k := Key{Namespace: v.Policy.GetMetadata().GetNamespace(), Name: v.Policy.GetMetadata().GetName()}
 		switch v.Policy.GetSpec().(type) {
@@ -115,6 +131,7 @@ type Decoded struct {
 	Pod       *cluster.Pod
 	Service   *cluster.Service
 	Slice     *cluster.EndpointSlice
+	Gateway   *cluster.Gateway
 	Policy    *policy.Object
 }
 
@@ -134,10 +151,12 @@ func (r *Resource) Decode() (Key, Decoded, error) {
 		d.Service, err = decodeService(v.Service)
 	case *Resource_EndpointSlice:
 		d.Slice, err = decodeEndpointSlice(v.EndpointSlice)
+	case *Resource_Gateway:
+		d.Gateway, err = decodeGateway(v.Gateway)
 	case *Resource_Policy:
 		d.Policy, err = decodePolicy(k, v.Policy)
 	default:
-		err = invalid("resource", "", "empty (no namespace, workload, service, endpoint slice or policy set)")
+		err = invalid("resource", "", "empty (no namespace, workload, service, endpoint slice, gateway or policy set)")
 	}
 	return k, d, err
 }
@@ -445,6 +464,75 @@ func decodeEndpointSlice(s *EndpointSlice) (*cluster.EndpointSlice, error) {
 			return nil, err
 		}
 		out.Endpoints = append(out.Endpoints, cluster.Endpoint{Addresses: addrs, Ready: e.GetReady()})
+	}
+	return out, nil
+}
+
+// GatewayResource converts a Gateway.
+func GatewayResource(g *cluster.Gateway) *Resource {
+	out := &Gateway{
+		Namespace: g.Namespace,
+		Name:      g.Name,
+		ClassName: g.ClassName,
+		Hostnames: g.Hostnames,
+		Labels:    g.Labels,
+		Source:    g.Source,
+	}
+	for _, l := range g.Listeners {
+		out.Listeners = append(out.Listeners, &GatewayListener{Name: l.Name, Port: uint32(l.Port), Protocol: l.Protocol})
+	}
+	for _, a := range g.Addresses {
+		out.Addresses = append(out.Addresses, a.Unmap().AsSlice())
+	}
+	return &Resource{Resource: &Resource_Gateway{Gateway: out}}
+}
+
+func decodeGateway(g *Gateway) (*cluster.Gateway, error) {
+	what := "gateway " + g.GetNamespace() + "/" + g.GetName()
+	if err := checkName(what, g.GetNamespace(), g.GetName(), true); err != nil {
+		return nil, err
+	}
+	if g.GetClassName() == "" {
+		return nil, invalid(what, "class_name", "required")
+	}
+	addrs, err := decodeAddrs(what, "addresses", g.GetAddresses())
+	if err != nil {
+		return nil, err
+	}
+	out := &cluster.Gateway{
+		Namespace: g.GetNamespace(),
+		Name:      g.GetName(),
+		ClassName: g.GetClassName(),
+		Addresses: addrs,
+		Labels:    g.GetLabels(),
+		Source:    g.GetSource(),
+	}
+	for i, l := range g.GetListeners() {
+		field := fmt.Sprintf("listeners[%d]", i)
+		switch {
+		case l.GetName() == "":
+			return nil, invalid(what, field+".name", "required")
+		case l.GetPort() < 1 || l.GetPort() > 65535:
+			return nil, invalid(what, field+".port", "%d is not a port", l.GetPort())
+		case l.GetProtocol() == "":
+			return nil, invalid(what, field+".protocol", "required")
+		}
+		for _, prev := range out.Listeners {
+			if prev.Name == l.GetName() {
+				return nil, invalid(what, field+".name", "%q is listed twice", l.GetName())
+			}
+		}
+		out.Listeners = append(out.Listeners, cluster.GatewayListener{Name: l.GetName(), Port: uint16(l.GetPort()), Protocol: l.GetProtocol()})
+	}
+	for i, h := range g.GetHostnames() {
+		field := fmt.Sprintf("hostnames[%d]", i)
+		if h == "" {
+			return nil, invalid(what, field, "empty")
+		}
+		if slices.Contains(out.Hostnames, h) {
+			return nil, invalid(what, field, "%q is listed twice", h)
+		}
+		out.Hostnames = append(out.Hostnames, h)
 	}
 	return out, nil
 }

@@ -21,6 +21,10 @@ func TestConvertRoundTrip(t *testing.T) {
 		Ports: []uint16{9080, 15090}, NamedPorts: map[string]uint16{"http": 9080}, Source: "pods.yaml#1"}
 	svc := &cluster.Service{Namespace: "bookinfo", Name: "reviews", ClusterIPs: []netip.Addr{netip.MustParseAddr("10.96.0.1")},
 		Selector: map[string]string{"app": "reviews"}, Ports: []cluster.ServicePort{{Name: "http", Protocol: "TCP", Port: 9080, TargetName: "http"}}, Source: "svc.yaml#1"}
+	gw := &cluster.Gateway{Namespace: "bookinfo", Name: "waypoint", ClassName: cluster.WaypointClass,
+		Listeners: []cluster.GatewayListener{{Name: "mesh", Port: 15008, Protocol: "HBONE"}, {Name: "http", Port: 80, Protocol: "HTTP"}},
+		Addresses: []netip.Addr{netip.MustParseAddr("10.96.0.20"), netip.MustParseAddr("fd00::20")},
+		Hostnames: []string{"waypoint.bookinfo.svc.cluster.local"}, Labels: map[string]string{"istio.io/waypoint-for": "service"}, Source: "gw.yaml#1"}
 	objs := policy.Parse("p.yaml", []byte(`
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -33,7 +37,7 @@ spec:
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, r := range []*Resource{NamespaceResource(st.Namespaces["bookinfo"]), WorkloadResource(st, pod), ServiceResource(svc), pr} {
+	for _, r := range []*Resource{NamespaceResource(st.Namespaces["bookinfo"]), WorkloadResource(st, pod), ServiceResource(svc), GatewayResource(gw), pr} {
 		// Through the wire, as an agent gets it.
 		b, err := proto.Marshal(r)
 		if err != nil {
@@ -60,6 +64,10 @@ spec:
 			if !reflect.DeepEqual(d.Service, svc) {
 				t.Errorf("service %s:\n got %+v\nwant %+v", k, d.Service, svc)
 			}
+		case d.Gateway != nil:
+			if !reflect.DeepEqual(d.Gateway, gw) || k.String() != "GATEWAY bookinfo/waypoint" {
+				t.Errorf("gateway %s:\n got %+v\nwant %+v", k, d.Gateway, gw)
+			}
 		case d.Policy != nil:
 			o := d.Policy
 			if o.Key() != objs[0].Key() || !o.Created.Equal(time.Date(2024, 5, 1, 10, 0, 0, 0, time.UTC)) || o.Labels["a"] != "b" ||
@@ -84,6 +92,11 @@ func TestDecodeNamesResourceAndField(t *testing.T) {
 		mod(x)
 		return &Resource{Resource: &Resource_Service{Service: x}}
 	}
+	g := func(mod func(*Gateway)) *Resource {
+		x := &Gateway{Namespace: "ns", Name: "g", ClassName: "istio-waypoint", Listeners: []*GatewayListener{{Name: "mesh", Port: 15008, Protocol: "HBONE"}}}
+		mod(x)
+		return &Resource{Resource: &Resource_Gateway{Gateway: x}}
+	}
 	for _, tc := range []struct {
 		name string
 		r    *Resource
@@ -101,6 +114,15 @@ func TestDecodeNamesResourceAndField(t *testing.T) {
 		{"service protocol", s(func(x *Service) { x.Ports[0].Protocol = "tcp" }), `service ns/s: ports[0].protocol: "tcp" is not TCP, UDP or SCTP`},
 		{"service port zero", s(func(x *Service) { x.Ports[0].Port = 0 }), "service ns/s: ports[0].port: 0 is not a port"},
 		{"service both targets", s(func(x *Service) { x.Ports[0].TargetName = "http" }), "service ns/s: ports[0]: exactly one of target_port and target_name must be set"},
+		{"gateway without class", g(func(x *Gateway) { x.ClassName = "" }), "gateway ns/g: class_name: required"},
+		{"gateway without namespace", g(func(x *Gateway) { x.Namespace = "" }), "gateway /g: namespace: required"},
+		{"gateway listener port", g(func(x *Gateway) { x.Listeners[0].Port = 70000 }), "gateway ns/g: listeners[0].port: 70000 is not a port"},
+		{"gateway listener name", g(func(x *Gateway) { x.Listeners[0].Name = "" }), "gateway ns/g: listeners[0].name: required"},
+		{"gateway listener protocol", g(func(x *Gateway) { x.Listeners[0].Protocol = "" }), "gateway ns/g: listeners[0].protocol: required"},
+		{"gateway listener twice", g(func(x *Gateway) { x.Listeners = append(x.Listeners, x.Listeners[0]) }), `gateway ns/g: listeners[1].name: "mesh" is listed twice`},
+		{"gateway address", g(func(x *Gateway) { x.Addresses = [][]byte{{10, 0, 0}} }), "gateway ns/g: addresses[0]: 3 bytes is not an IPv4 or IPv6 address"},
+		{"gateway hostname", g(func(x *Gateway) { x.Hostnames = []string{"w.ns.svc", ""} }), "gateway ns/g: hostnames[1]: empty"},
+		{"gateway hostname twice", g(func(x *Gateway) { x.Hostnames = []string{"w.ns.svc", "w.ns.svc"} }), `gateway ns/g: hostnames[1]: "w.ns.svc" is listed twice`},
 		{"policy without spec", &Resource{Resource: &Resource_Policy{Policy: &Policy{ApiVersion: "security.istio.io/v1", Metadata: &ObjectMeta{Namespace: "ns", Name: "p"}}}}, "policy ns/p: spec: required"},
 		{"policy with nil spec", &Resource{Resource: &Resource_Policy{Policy: &Policy{ApiVersion: "security.istio.io/v1", Metadata: &ObjectMeta{Namespace: "ns", Name: "p"}, Spec: &Policy_AuthorizationPolicy{}}}}, "AUTHORIZATION_POLICY ns/p: spec: set but empty"},
 		{"policy api version", &Resource{Resource: &Resource_Policy{Policy: &Policy{ApiVersion: "v1", Metadata: &ObjectMeta{Namespace: "ns", Name: "p"}}}}, `policy ns/p: api_version: "v1" is not`},
@@ -122,6 +144,9 @@ func TestDecodeNamesResourceAndField(t *testing.T) {
 func FuzzDecodeResource(f *testing.F) {
 	b, _ := proto.Marshal(WorkloadResource(&cluster.State{}, &cluster.Pod{Namespace: "a", Name: "b", IPs: []netip.Addr{netip.MustParseAddr("10.0.0.1")}, NamedPorts: map[string]uint16{"x": 1}}))
 	f.Add(b)
+	b, _ = proto.Marshal(GatewayResource(&cluster.Gateway{Namespace: "a", Name: "w", ClassName: cluster.WaypointClass,
+		Listeners: []cluster.GatewayListener{{Name: "mesh", Port: 15008, Protocol: "HBONE"}}, Addresses: []netip.Addr{netip.MustParseAddr("10.0.0.2")}, Hostnames: []string{"w.a.svc"}}))
+	f.Add(b)
 	f.Fuzz(func(t *testing.T, data []byte) {
 		var r Resource
 		if proto.Unmarshal(data, &r) != nil {
@@ -141,11 +166,18 @@ func FuzzDecodeResource(f *testing.F) {
 				t.Fatalf("re-encoded pod does not decode: %v", err)
 			}
 		}
+		if d.Gateway != nil {
+			again := GatewayResource(d.Gateway)
+			if _, d2, err := again.Decode(); err != nil || again.Key() != k || !reflect.DeepEqual(d2.Gateway, d.Gateway) {
+				t.Fatalf("re-encoded gateway: key %v -> %v, %v", k, again.Key(), err)
+			}
+		}
 	})
 }
 
-// TestWorkloadCarriesEveryPodField fails when cluster.Pod or cluster.Service gains a
-// field: agents fed by the controller would not get it. Add it to config.proto and the
+// TestWorkloadCarriesEveryPodField fails when cluster.Pod, cluster.Service, cluster.State
+// or another type the stream carries gains a field: agents fed by the controller would
+// not get it. Add it to config.proto and the
 // conversions, then here.
 func TestWorkloadCarriesEveryPodField(t *testing.T) {
 	for _, tc := range []struct {
@@ -159,7 +191,9 @@ func TestWorkloadCarriesEveryPodField(t *testing.T) {
 		{reflect.TypeFor[cluster.EndpointSlice](), "Namespace Name Service Ports Endpoints Source"},
 		{reflect.TypeFor[cluster.EndpointPort](), "Name Protocol Port"},
 		{reflect.TypeFor[cluster.Endpoint](), "Addresses Ready"},
-		{reflect.TypeFor[cluster.State](), "Namespaces Pods Services EndpointSlices"},
+		{reflect.TypeFor[cluster.Gateway](), "Namespace Name ClassName Listeners Addresses Hostnames Labels Source"},
+		{reflect.TypeFor[cluster.GatewayListener](), "Name Port Protocol"},
+		{reflect.TypeFor[cluster.State](), "Namespaces Pods Services EndpointSlices Gateways"},
 	} {
 		var got []string
 		for i := range tc.typ.NumField() {

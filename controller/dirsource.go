@@ -18,9 +18,10 @@ import (
 )
 
 // DirSource is a Source reading a directory of Kubernetes YAML: Namespaces, Pods,
-// Services and the security.istio.io kinds, in every *.yaml, *.yml and *.json file
-// directly in Dir (kubectl-style, several documents a file, kind List unpacked; other
-// kinds such as ServiceAccount or Deployment are skipped). It polls the directory for
+// Services, EndpointSlices, Gateway API Gateways and the security.istio.io kinds, in
+// every *.yaml, *.yml and *.json file directly in Dir (kubectl-style, several documents
+// a file, kind List unpacked; other kinds such as ServiceAccount or Deployment are
+// skipped). It polls the directory for
 // changes, following symlinks: a ConfigMap mounted as Dir (keys linked through "..data",
 // which the kubelet swaps on an update) reloads like a directory of plain files.
 //
@@ -53,6 +54,7 @@ type kept struct {
 	pod  *cluster.Pod
 	svc  *cluster.Service
 	eps  *cluster.EndpointSlice
+	gw   *cluster.Gateway
 	pol  *policy.Object
 }
 
@@ -164,6 +166,9 @@ func (s *DirSource) loadDocs(docs []doc) (cfg *Config, err error) {
 		for _, sl := range st.EndpointSlices {
 			servable(api.Key{Kind: api.Kind_KIND_ENDPOINT_SLICE, Namespace: sl.Namespace, Name: sl.Name}, file, kept{file: file, eps: sl}, api.EndpointSliceResource(sl), nil)
 		}
+		for _, gw := range st.Gateways {
+			servable(api.Key{Kind: api.Kind_KIND_GATEWAY, Namespace: gw.Namespace, Name: gw.Name}, file, kept{file: file, gw: gw}, api.GatewayResource(gw), nil)
+		}
 	}
 	for k, v := range s.last {
 		if _, still := now[k]; still || !(keep[k] || broken[v.file]) {
@@ -195,6 +200,8 @@ func (s *DirSource) config() *Config {
 			cfg.Cluster.Services = append(cfg.Cluster.Services, v.svc)
 		case v.eps != nil:
 			cfg.Cluster.EndpointSlices = append(cfg.Cluster.EndpointSlices, v.eps)
+		case v.gw != nil:
+			cfg.Cluster.Gateways = append(cfg.Cluster.Gateways, v.gw)
 		case v.pol != nil:
 			cfg.Policies = append(cfg.Policies, v.pol)
 		}
@@ -255,7 +262,7 @@ func (s *DirSource) Run(ctx context.Context, update func(*Config)) error {
 		}
 		s.served = true
 		log.Info("config: loaded", "dir", s.Dir, "namespaces", len(cfg.Cluster.Namespaces), "pods", len(cfg.Cluster.Pods),
-			"services", len(cfg.Cluster.Services), "policies", len(cfg.Policies), "errors", len(unjoin(err)), "took", time.Since(start))
+			"services", len(cfg.Cluster.Services), "gateways", len(cfg.Cluster.Gateways), "policies", len(cfg.Policies), "errors", len(unjoin(err)), "took", time.Since(start))
 		update(cfg)
 		return true
 	}

@@ -11,8 +11,8 @@ import (
 	"github.com/veilmesh/veil/policy"
 )
 
-// Config is everything the controller serves: the cluster's Namespaces, Pods and
-// Services, and the valid security.istio.io policies.
+// Config is everything the controller serves: the cluster's Namespaces, Pods, Services,
+// EndpointSlices and Gateways, and the valid security.istio.io policies.
 type Config struct {
 	Cluster  *cluster.State
 	Policies []*policy.Object

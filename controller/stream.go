@@ -8,6 +8,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
+	"slices"
 	"sort"
 	"sync"
 	"time"
@@ -228,6 +230,9 @@ func resources(cfg *Config) (map[api.Key]*entry, []error) {
 		}
 		for _, sl := range st.EndpointSlices {
 			add(api.EndpointSliceResource(sl))
+		}
+		for _, gw := range st.Gateways {
+			add(api.GatewayResource(gw))
 		}
 	}
 	for _, o := range cfg.Policies {
@@ -465,6 +470,17 @@ func (s *ConfigServer) Subscribe(stream api.ConfigService_SubscribeServer) error
 		has = sub.GetVersion()
 	}
 	log.Info("config: agent subscribed", "peer", peerAddr(stream), "epoch", sub.GetEpoch(), "version", sub.GetVersion(), "resumed", has > 0)
+	// What the agent decodes: it is sent nothing else. An older agent would refuse a
+	// resource of a kind it does not know, and with it every push that carries one.
+	kinds := sub.GetKinds()
+	if len(kinds) == 0 {
+		kinds = api.LegacyKinds()
+	}
+	known := map[api.Kind]bool{}
+	for _, k := range kinds {
+		known[k] = true
+	}
+	withheld := map[api.Kind]bool{}
 	var sent uint64 // the last version pushed, answered or not
 	pushed := false
 	for {
@@ -486,6 +502,9 @@ func (s *ConfigServer) Subscribe(stream api.ConfigService_SubscribeServer) error
 		}
 		pushed = true
 		start := time.Now()
+		if n := len(withheld); filterKinds(p, known, withheld) && len(withheld) > n {
+			log.Info("config: the agent does not know some kinds; they are not sent to it", "withheld", fmt.Sprint(slices.Sorted(maps.Keys(withheld))))
+		}
 		if err := stream.Send(p); err != nil {
 			return err
 		}
@@ -515,6 +534,26 @@ func (s *ConfigServer) Subscribe(stream api.ConfigService_SubscribeServer) error
 			return status.Error(codes.InvalidArgument, "controller: want an Ack or a Nack")
 		}
 	}
+}
+
+// filterKinds drops from p what is not of a known kind, noting the kinds it dropped in
+// withheld. It reports whether it dropped anything.
+func filterKinds(p *api.Push, known, withheld map[api.Kind]bool) bool {
+	dropped := false
+	p.Resources = slices.DeleteFunc(p.Resources, func(r *api.Resource) bool {
+		k := r.Key().Kind
+		if !known[k] {
+			withheld[k], dropped = true, true
+		}
+		return !known[k]
+	})
+	p.Removed = slices.DeleteFunc(p.Removed, func(k *api.ResourceKey) bool {
+		if !known[k.GetKind()] {
+			withheld[k.GetKind()], dropped = true, true
+		}
+		return !known[k.GetKind()]
+	})
+	return dropped
 }
 
 func peerAddr(stream grpc.ServerStream) string {

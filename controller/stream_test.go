@@ -193,6 +193,8 @@ func testConfig(t *testing.T, docs ...string) *Config {
 		}
 		cfg.Cluster.Pods = append(cfg.Cluster.Pods, st.Pods...)
 		cfg.Cluster.Services = append(cfg.Cluster.Services, st.Services...)
+		cfg.Cluster.EndpointSlices = append(cfg.Cluster.EndpointSlices, st.EndpointSlices...)
+		cfg.Cluster.Gateways = append(cfg.Cluster.Gateways, st.Gateways...)
 		m := policy.Parse("doc", []byte(d))
 		if len(m.Errors) > 0 {
 			t.Fatalf("doc %d: %v", i, m.Errors)
@@ -466,4 +468,68 @@ func BenchmarkStreamSet10k(b *testing.B) {
 	p, _ := s.push(0)
 	b.ReportMetric(float64(time.Since(start).Microseconds()), "µs/full-push-build")
 	b.ReportMetric(float64(len(p.Resources)), "resources")
+}
+
+// An agent is sent only the kinds it decodes: one from before Subscribe listed them (no
+// kinds) gets no EndpointSlice and no Gateway, which it would refuse with the whole push;
+// one that lists them gets them, adds and removals alike.
+func TestStreamSendsOnlyKindsTheAgentKnows(t *testing.T) {
+	cfg := &ConfigServer{}
+	s := startStreamServer(t, cfg)
+	clusterYAML := readTestdata(t, "config/cluster.yaml")
+	const extra = `
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: kubernetes, namespace: bookinfo, labels: {kubernetes.io/service-name: reviews}}
+addressType: IPv4
+endpoints: [{addresses: [10.77.9.9]}]
+ports: [{name: http, port: 9080}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: bookinfo}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+`
+	if _, err := cfg.Set(testConfig(t, clusterYAML, extra)); err != nil {
+		t.Fatal(err)
+	}
+	has := func(p *api.Push, kind string) bool {
+		for _, k := range keys(p) {
+			if strings.HasPrefix(strings.TrimPrefix(k, "-"), kind+" ") {
+				return true
+			}
+		}
+		return false
+	}
+	old, err := s.subscribe(t, testTokens["node-1"], &api.Subscribe{Node: "node-1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := old.recv()
+	if has(p, "ENDPOINT_SLICE") || has(p, "GATEWAY") || !has(p, "WORKLOAD") {
+		t.Fatalf("an agent listing no kinds got %v; want no endpoint slice and no gateway", keys(p))
+	}
+	old.ack(p)
+	cur, err := s.subscribe(t, testTokens["node-2"], &api.Subscribe{Node: "node-2", Kinds: api.Kinds()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p = cur.recv()
+	if !has(p, "ENDPOINT_SLICE") || !has(p, "GATEWAY") {
+		t.Fatalf("an agent listing every kind got %v; want the endpoint slice and the gateway", keys(p))
+	}
+	cur.ack(p)
+	// The Gateway deleted: a removal for the agent that knows Gateways; for the other, a
+	// push without it (or none).
+	if _, err := cfg.Set(testConfig(t, clusterYAML, strings.SplitN(extra, "---", 2)[0])); err != nil {
+		t.Fatal(err)
+	}
+	if p = cur.recv(); !has(p, "GATEWAY") {
+		t.Fatalf("the agent listing every kind got %v; want the gateway's removal", keys(p))
+	}
+	if p = old.recv(); has(p, "GATEWAY") {
+		t.Fatalf("an agent listing no kinds got %v", keys(p))
+	}
 }

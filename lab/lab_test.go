@@ -853,9 +853,21 @@ func TestUpgradeFromPreviousRelease(t *testing.T) {
 // controller and agents (TestUpgradeFromPreviousRelease has this release's agents with
 // the previous controller). The fields it does not know (the pods' UIDs) it ignores; it
 // serves mTLS to and from this release's agent, and enforces the policies this
-// controller pushes.
+// controller pushes. A kube lab's controller has an EndpointSlice (default/kubernetes),
+// a kind that release does not decode: it is not sent to it (Subscribe's kinds).
 func TestVersionSkew(t *testing.T) {
-	l := upLab(t)
+	t.Run("config directory", func(t *testing.T) { versionSkew(t, upLab(t)) })
+	t.Run("kube", func(t *testing.T) {
+		l := upLab(t, kubeLab)
+		versionSkew(t, l)
+		b, err := os.ReadFile(l.path("logs", "controller.log"))
+		if err != nil || !bytes.Contains(b, []byte("they are not sent to it")) || !bytes.Contains(b, []byte("KIND_ENDPOINT_SLICE")) {
+			t.Fatalf("the controller did not withhold the EndpointSlice from the previous release's agent (%v):\n%s", err, b)
+		}
+	})
+}
+
+func versionSkew(t *testing.T, l *Lab) {
 	old := buildRelease(t, previousRelease)
 	ctx := context.Background()
 	if err := l.StopAgent("node-2"); err != nil {

@@ -136,6 +136,8 @@ func TestManifestsApplyServerSide(t *testing.T) {
 		{"veil-controller", "watch", "pods", "bookinfo", "yes"},
 		{"veil-controller", "get", "pods", "bookinfo", "yes"},
 		{"veil-controller", "list", "authorizationpolicies.security.istio.io", "bookinfo", "yes"},
+		{"veil-controller", "watch", "gateways.gateway.networking.k8s.io", "bookinfo", "yes"},
+		{"veil-controller", "list", "httproutes.gateway.networking.k8s.io", "bookinfo", "no"},
 		{"veil-controller", "create", "secrets", "veil-system", "yes"},
 		{"veil-controller", "get", "secrets/cacerts", "veil-system", "yes"},
 		{"veil-controller", "get", "secrets/other", "veil-system", "no"},

@@ -92,7 +92,8 @@ func TestRBACIsNecessary(t *testing.T) {
 	kc := kubetest.Start(t, kubetest.WithAudit(""))
 	kc.Kubectl(t, "apply", "--server-side", "-f", "veil.yaml")
 	kc.Kubectl(t, "wait", "--for", "condition=established", "--timeout", "60s",
-		"crd/peerauthentications.security.istio.io", "crd/authorizationpolicies.security.istio.io", "crd/requestauthentications.security.istio.io")
+		"crd/peerauthentications.security.istio.io", "crd/authorizationpolicies.security.istio.io", "crd/requestauthentications.security.istio.io",
+		"crd/gateways.gateway.networking.k8s.io") // served before the controller starts, so it watches them at once
 	admin := kubernetes.NewForConfigOrDie(kc.Config)
 	ctx := context.Background()
 

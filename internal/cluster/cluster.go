@@ -91,12 +91,46 @@ type Endpoint struct {
 	Ready     bool
 }
 
+// The Gateway API as Istio ambient uses it for waypoints: a Gateway of class
+// istio-waypoint is a waypoint, and a namespace, Service or pod labelled use-waypoint
+// (naming the Gateway, in the namespace use-waypoint-namespace names, else its own)
+// sends its traffic through it.
+const (
+	WaypointClass             = "istio-waypoint"
+	UseWaypointLabel          = "istio.io/use-waypoint"
+	UseWaypointNamespaceLabel = "istio.io/use-waypoint-namespace"
+)
+
+// Gateway is a gateway.networking.k8s.io Gateway (v1 or v1beta1). Ambient's waypoints
+// are Gateways of class WaypointClass.
+type Gateway struct {
+	Namespace string
+	Name      string
+	ClassName string // spec.gatewayClassName
+	Listeners []GatewayListener
+	// Addresses are the IP addresses of status.addresses (type IPAddress, or no type),
+	// each once; Hostnames the values of its Hostname addresses. Other address types
+	// (NamedAddress, implementation-specific ones) are not kept.
+	Addresses []netip.Addr
+	Hostnames []string
+	Labels    map[string]string
+	Source    string
+}
+
+// GatewayListener is one of a Gateway's spec.listeners.
+type GatewayListener struct {
+	Name     string
+	Port     uint16
+	Protocol string // HTTP, HTTPS, TLS, TCP, UDP, HBONE (a waypoint's), ...
+}
+
 // State is a consistent view of the cluster's objects.
 type State struct {
 	Namespaces     map[string]*Namespace
 	Pods           []*Pod
 	Services       []*Service
 	EndpointSlices []*EndpointSlice
+	Gateways       []*Gateway
 }
 
 // SliceEndpoint is a ready endpoint of a Service from its EndpointSlices: an address and

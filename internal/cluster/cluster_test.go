@@ -2,6 +2,7 @@ package cluster
 
 import (
 	"net/netip"
+	"reflect"
 	"strings"
 	"testing"
 )
@@ -162,5 +163,156 @@ func TestSliceEndpoints(t *testing.T) {
 	eps := st.SliceEndpoints(st.Services[0])
 	if len(eps) != 2 || eps[0].Addr != netip.MustParseAddr("10.99.0.250") || eps[1].Addr != netip.MustParseAddr("10.99.0.252") || eps[0].Ports["https"] != 6443 {
 		t.Fatalf("endpoints %+v", eps)
+	}
+}
+
+func findGateway(t *testing.T, st *State, ns, name string) *Gateway {
+	t.Helper()
+	for _, g := range st.Gateways {
+		if g.Namespace == ns && g.Name == name {
+			return g
+		}
+	}
+	t.Fatalf("no gateway %s/%s", ns, name)
+	return nil
+}
+
+// Gateways of gateway.networking.k8s.io v1 and v1beta1 are read; other Gateway API kinds,
+// and Istio's own networking.istio.io Gateway, are not veil's.
+func TestGateways(t *testing.T) {
+	st, errs := Parse("gw.yaml", []byte(`
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata:
+  name: waypoint
+  namespace: bookinfo
+  labels: {istio.io/waypoint-for: service}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners:
+  - {name: mesh, port: 15008, protocol: HBONE}
+status:
+  addresses:
+  - {type: IPAddress, value: 10.96.0.20}
+  - {value: "fd00::20"}
+  - {type: IPAddress, value: 10.96.0.20}
+  - {type: Hostname, value: waypoint.bookinfo.svc.cluster.local}
+  - {type: NamedAddress, value: some-pool}
+  conditions: [{type: Programmed, status: "True"}]
+---
+apiVersion: gateway.networking.k8s.io/v1beta1
+kind: Gateway
+metadata: {name: ingress}
+spec:
+  gatewayClassName: istio
+  listeners:
+  - {name: http, port: 80, protocol: HTTP}
+  - {name: https, port: 443, protocol: HTTPS, tls: {certificateRefs: [{name: cert}]}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GatewayClass
+metadata: {name: istio-waypoint}
+spec: {controllerName: istio.io/mesh-controller}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: reviews, namespace: bookinfo}
+spec: {parentRefs: [{name: waypoint}], rules: [{backendRefs: [{name: reviews, port: 9080}]}]}
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: istio-gateway, namespace: bookinfo}
+spec: {selector: {istio: ingressgateway}, servers: [{port: {number: 80, name: http, protocol: HTTP}, hosts: ["*"]}]}
+---
+apiVersion: v1
+kind: List
+items:
+- apiVersion: gateway.networking.k8s.io/v1
+  kind: Gateway
+  metadata: {name: from-list, namespace: other}
+  spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+`))
+	if len(errs) > 0 {
+		t.Fatal(errs)
+	}
+	if len(st.Gateways) != 3 {
+		t.Fatalf("%d gateways, want 3 (waypoint, ingress, from-list)", len(st.Gateways))
+	}
+	g := findGateway(t, st, "bookinfo", "waypoint")
+	want := &Gateway{Namespace: "bookinfo", Name: "waypoint", ClassName: WaypointClass,
+		Listeners: []GatewayListener{{Name: "mesh", Port: 15008, Protocol: "HBONE"}},
+		Addresses: []netip.Addr{netip.MustParseAddr("10.96.0.20"), netip.MustParseAddr("fd00::20")},
+		Hostnames: []string{"waypoint.bookinfo.svc.cluster.local"},
+		Labels:    map[string]string{"istio.io/waypoint-for": "service"}, Source: "gw.yaml#1"}
+	if !reflect.DeepEqual(g, want) {
+		t.Fatalf("gateway\n got %+v\nwant %+v", g, want)
+	}
+	in := findGateway(t, st, "default", "ingress")
+	if in.ClassName != "istio" || len(in.Listeners) != 2 || in.Listeners[1] != (GatewayListener{Name: "https", Port: 443, Protocol: "HTTPS"}) || in.Addresses != nil {
+		t.Fatalf("v1beta1 gateway without a namespace: %+v", in)
+	}
+	findGateway(t, st, "other", "from-list")
+}
+
+// A Gateway that does not decode is reported, naming the file, the object and the field,
+// and left out; the documents after it still load.
+func TestGatewayErrors(t *testing.T) {
+	for _, tc := range []struct{ name, doc, want string }{
+		{"port", `{name: w, namespace: ns}
+spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 70000, protocol: HBONE}]}`,
+			"gw.yaml#1: gateway ns/w: spec.listeners[0].port: 70000 is not a port"},
+		{"no port", `{name: w}
+spec: {gatewayClassName: istio-waypoint, listeners: [{name: a, port: 80, protocol: HTTP}, {name: mesh, protocol: HBONE}]}`,
+			"gw.yaml#1: gateway default/w: spec.listeners[1].port: 0 is not a port"},
+		{"port type", `{name: w, namespace: ns}
+spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: "15008", protocol: HBONE}]}`,
+			"gw.yaml#1: gateway ns/w: json: cannot unmarshal string into Go struct field"},
+		{"listener name", `{name: w, namespace: ns}
+spec: {gatewayClassName: istio-waypoint, listeners: [{port: 15008, protocol: HBONE}]}`,
+			"gw.yaml#1: gateway ns/w: spec.listeners[0].name: required"},
+		{"listener twice", `{name: w, namespace: ns}
+spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}, {name: mesh, port: 15009, protocol: HBONE}]}`,
+			`gw.yaml#1: gateway ns/w: spec.listeners[1].name: "mesh" is listed twice`},
+		{"protocol", `{name: w, namespace: ns}
+spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008}]}`,
+			"gw.yaml#1: gateway ns/w: spec.listeners[0].protocol: required"},
+		{"class", `{name: w, namespace: ns}
+spec: {listeners: [{name: mesh, port: 15008, protocol: HBONE}]}`,
+			"gw.yaml#1: gateway ns/w: spec.gatewayClassName: required"},
+		{"name", `{namespace: ns}
+spec: {gatewayClassName: istio-waypoint}`,
+			"gw.yaml#1: Gateway: metadata.name: required"},
+		{"address", `{name: w, namespace: ns}
+spec: {gatewayClassName: istio-waypoint}
+status: {addresses: [{type: Hostname, value: w.ns.svc}, {type: IPAddress, value: w.ns.svc}]}`,
+			`gw.yaml#1: gateway ns/w: status.addresses[1].value: "w.ns.svc" is not an IP address`},
+		{"untyped address", `{name: w, namespace: ns}
+spec: {gatewayClassName: istio-waypoint}
+status: {addresses: [{value: "10.0.0.300"}]}`,
+			`gw.yaml#1: gateway ns/w: status.addresses[0].value: "10.0.0.300" is not an IP address`},
+		{"unspecified address", `{name: w, namespace: ns}
+spec: {gatewayClassName: istio-waypoint}
+status: {addresses: [{type: IPAddress, value: "::"}]}`,
+			`gw.yaml#1: gateway ns/w: status.addresses[0].value: "::" is not a usable address`},
+		{"empty address", `{name: w, namespace: ns}
+spec: {gatewayClassName: istio-waypoint}
+status: {addresses: [{type: Hostname}]}`,
+			`gw.yaml#1: gateway ns/w: status.addresses[0].value: required`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			st, errs := Parse("gw.yaml", []byte("apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: "+tc.doc+`
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: fine-after-bad, namespace: ns}
+spec: {gatewayClassName: istio-waypoint}
+`))
+			if len(errs) != 1 || !strings.Contains(errs[0].Error(), tc.want) {
+				t.Fatalf("errors %v, want one containing %q", errs, tc.want)
+			}
+			if len(st.Gateways) != 1 || st.Gateways[0].Name != "fine-after-bad" {
+				t.Fatalf("gateways %+v, want only fine-after-bad", st.Gateways)
+			}
+		})
 	}
 }

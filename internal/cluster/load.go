@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 
@@ -66,16 +67,17 @@ type object struct {
 	} `json:"status"`
 }
 
-// header is what every document is read as first: only core/v1 objects are decoded
-// further, so other kinds (Istio policies, Deployments) never fail on fields that
-// mean something else to them.
+// header is what every document is read as first: only the kinds veil models (core/v1
+// objects, EndpointSlices, Gateways) are decoded further, so other kinds (Istio
+// policies, Deployments, HTTPRoutes) never fail on fields that mean something else to
+// them.
 type header struct {
 	APIVersion string            `json:"apiVersion"`
 	Kind       string            `json:"kind"`
 	Items      []json.RawMessage `json:"items"`
 }
 
-// LoadDir reads Namespaces, Pods and Services from every *.yaml, *.yml and *.json file
+// LoadDir reads Namespaces, Pods, Services, EndpointSlices and Gateways from every *.yaml, *.yml and *.json file
 // directly in dir (kubectl-style manifests, several documents a file, kind List
 // unpacked), in name order. Other kinds are skipped. An object that cannot be decoded is
 // reported in errs, naming its file and document, and left out; err is only for a
@@ -143,6 +145,12 @@ func (st *State) addDocument(src string, raw json.RawMessage) []error {
 	}
 	if h.APIVersion == "discovery.k8s.io/v1" && h.Kind == "EndpointSlice" {
 		if err := st.addEndpointSlice(src, raw); err != nil {
+			return []error{err}
+		}
+		return nil
+	}
+	if h.Kind == "Gateway" && (h.APIVersion == GatewayAPIGroup+"/v1" || h.APIVersion == GatewayAPIGroup+"/v1beta1") {
+		if err := st.addGateway(src, raw); err != nil {
 			return []error{err}
 		}
 		return nil
@@ -400,5 +408,97 @@ func (st *State) addEndpointSlice(src string, raw json.RawMessage) error {
 		sl.Endpoints = append(sl.Endpoints, end)
 	}
 	st.EndpointSlices = append(st.EndpointSlices, sl)
+	return nil
+}
+
+// GatewayAPIGroup is the API group of the Kubernetes Gateway API.
+const GatewayAPIGroup = "gateway.networking.k8s.io"
+
+// gateway is the part of a gateway.networking.k8s.io Gateway that veil reads.
+type gateway struct {
+	Metadata struct {
+		Name      string            `json:"name"`
+		Namespace string            `json:"namespace"`
+		Labels    map[string]string `json:"labels"`
+	} `json:"metadata"`
+	Spec struct {
+		GatewayClassName string `json:"gatewayClassName"`
+		Listeners        []struct {
+			Name     string `json:"name"`
+			Port     int    `json:"port"`
+			Protocol string `json:"protocol"`
+		} `json:"listeners"`
+	} `json:"spec"`
+	Status struct {
+		Addresses []struct {
+			Type  string `json:"type"`
+			Value string `json:"value"`
+		} `json:"addresses"`
+	} `json:"status"`
+}
+
+func (st *State) addGateway(src string, raw json.RawMessage) error {
+	var o gateway
+	err := json.Unmarshal(raw, &o)
+	ns := o.Metadata.Namespace
+	if ns == "" {
+		ns = "default"
+	}
+	if o.Metadata.Name == "" {
+		if err != nil {
+			return fmt.Errorf("%s: Gateway: %w", src, err)
+		}
+		return fmt.Errorf("%s: Gateway: metadata.name: required", src)
+	}
+	what := fmt.Sprintf("%s: gateway %s/%s", src, ns, o.Metadata.Name)
+	if err != nil {
+		// A field of the wrong type: json names it; the rest was decoded as far as it went.
+		return fmt.Errorf("%s: %w", what, err)
+	}
+	if o.Spec.GatewayClassName == "" {
+		return fmt.Errorf("%s: spec.gatewayClassName: required", what)
+	}
+	gw := &Gateway{Namespace: ns, Name: o.Metadata.Name, ClassName: o.Spec.GatewayClassName, Labels: o.Metadata.Labels, Source: src}
+	for i, l := range o.Spec.Listeners {
+		switch {
+		case l.Name == "":
+			return fmt.Errorf("%s: spec.listeners[%d].name: required", what, i)
+		case l.Port < 1 || l.Port > 65535:
+			return fmt.Errorf("%s: spec.listeners[%d].port: %d is not a port", what, i, l.Port)
+		case l.Protocol == "":
+			return fmt.Errorf("%s: spec.listeners[%d].protocol: required", what, i)
+		}
+		for _, prev := range gw.Listeners {
+			if prev.Name == l.Name {
+				return fmt.Errorf("%s: spec.listeners[%d].name: %q is listed twice", what, i, l.Name)
+			}
+		}
+		gw.Listeners = append(gw.Listeners, GatewayListener{Name: l.Name, Port: uint16(l.Port), Protocol: l.Protocol})
+	}
+	for i, a := range o.Status.Addresses {
+		if a.Value == "" {
+			return fmt.Errorf("%s: status.addresses[%d].value: required", what, i)
+		}
+		switch a.Type {
+		case "", "IPAddress": // the default
+			ip, err := netip.ParseAddr(a.Value)
+			if err != nil {
+				return fmt.Errorf("%s: status.addresses[%d].value: %q is not an IP address", what, i, a.Value)
+			}
+			if ip = ip.Unmap(); ip.IsUnspecified() {
+				return fmt.Errorf("%s: status.addresses[%d].value: %q is not a usable address", what, i, a.Value)
+			}
+			if !containsAddr(gw.Addresses, ip) {
+				gw.Addresses = append(gw.Addresses, ip)
+			}
+		case "Hostname":
+			if !slices.Contains(gw.Hostnames, a.Value) {
+				gw.Hostnames = append(gw.Hostnames, a.Value)
+			}
+		default:
+			// NamedAddress and implementation-specific types: nothing veil can dial.
+		}
+	}
+	st.Gateways = append(st.Gateways, gw)
 	return nil
 }

@@ -334,9 +334,9 @@ func TestChartDefaults(t *testing.T) {
 		!slices.Equal(ar.Rules[0].Resources, []string{"pods", "namespaces"}) {
 		t.Errorf("agent ClusterRole %+v", ar)
 	}
-	if ar := r.roles["veil-agent"]; ar == nil || ar.Namespace != Namespace || len(ar.Rules) != 1 || !slices.Equal(ar.Rules[0].Verbs, []string{"get"}) ||
+	if ar := r.roles["veil-agent"]; ar == nil || ar.Namespace != Namespace || len(ar.Rules) != 1 || !slices.Equal(ar.Rules[0].Verbs, []string{"get", "list", "watch"}) ||
 		!slices.Equal(ar.Rules[0].Resources, []string{"daemonsets"}) || !slices.Equal(ar.Rules[0].ResourceNames, []string{ds.Name}) {
-		t.Errorf("agent Role %+v: it may get its own DaemonSet", ar)
+		t.Errorf("agent Role %+v: it may get and watch its own DaemonSet, nothing else", ar)
 	}
 	// The CRDs: Istio's security ones and the Gateway API's standard channel, kept on
 	// uninstall.
