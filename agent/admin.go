@@ -22,7 +22,7 @@ func (a *Agent) MetricsHandler() http.Handler {
 // AdminHandler serves the admin endpoints, meant for localhost only: /certs (each local
 // identity's certificate state), /config_dump (the workloads and policies in force),
 // /explain (a decision for a connection to a local workload, with the policy that made
-// it) and /debug/pprof/.
+// it), /trust_bundle (the roots in force, see BundleReporter) and /debug/pprof/.
 func (a *Agent) AdminHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/certs", func(w http.ResponseWriter, r *http.Request) {
@@ -32,6 +32,7 @@ func (a *Agent) AdminHandler() http.Handler {
 		writeJSON(w, a.configDump())
 	})
 	mux.HandleFunc("/explain", a.explain)
+	mux.HandleFunc("/trust_bundle", a.trustBundle)
 	mux.HandleFunc("/debug/pprof/", pprof.Index)
 	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
 	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)

@@ -170,6 +170,11 @@ func New(opts Options) (*Agent, error) {
 			return nil, fmt.Errorf("agent: capture metrics: %w", err)
 		}
 	}
+	if br, ok := opts.Certs.(BundleReporter); ok {
+		if err := opts.Registry.Register(newTrustCollector(br, opts.Certs)); err != nil {
+			return nil, fmt.Errorf("agent: trust bundle metrics: %w", err)
+		}
+	}
 	a := &Agent{opts: opts, log: opts.Log, metrics: newMetrics(opts.Registry), policyWorkloads: map[policy.WorkloadKey]bool{},
 		limit: &connLimit{max: opts.MaxConnections, perSource: opts.MaxConnectionsPerSource}}
 	a.store.Options = opts.Policy

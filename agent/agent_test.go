@@ -329,6 +329,27 @@ func TestHBONEForwardedSourceMustBelongToThePeer(t *testing.T) {
 			}
 		})
 	}
+
+	// A pod of the peer's identity that node-1 has just started, enrolled by its CNI and
+	// not yet given an address by the controller: an address of no workload is its.
+	st, errs := cluster.Parse("cluster.yaml", []byte(clusterYAML+`---
+apiVersion: v1
+kind: Pod
+metadata: {name: frontend-new, namespace: bookinfo}
+spec: {serviceAccountName: frontend, nodeName: node-1}
+`))
+	if len(errs) > 0 {
+		t.Fatal(errs)
+	}
+	m.agents["node-2"].Update(st)
+	s, err := pool.Connect(context.Background(), key, appAddr("reviews"), netip.MustParseAddrPort("10.77.1.99:1234"))
+	if err != nil {
+		t.Fatalf("an address of no workload while a pod of the peer starts on its node: %v, want it accepted", err)
+	}
+	s.Close()
+	if _, err := pool.Connect(context.Background(), key, appAddr("reviews"), netip.MustParseAddrPort("10.77.1.11:1234")); tunnel.StatusCode(err) != 401 {
+		t.Fatalf("another workload's address while a pod of the peer starts: %v, want 401", err)
+	}
 }
 
 // Without Forwarded (Istio's Go dialer sends none) the source is the tunnel's peer

@@ -82,11 +82,11 @@ func (a *Agent) connectInbound(ctx context.Context, r *tunnel.Request) (net.Conn
 	// application sees, so it must be a workload with the identity the peer proved.
 	// Without Forwarded (Istio's Go dialer sends none) the source is the tunnel's own
 	// peer address, held to the same rule: a pod dialling with its own identity.
-	// A Forwarded source that no workload owns yet is a pod its node has just started:
-	// its CNI enrolled it before the controller published its address. Accepted when the
-	// tunnel comes from a node that runs a pod with the peer's identity; an address that
-	// belongs to another workload never is.
-	newPod := r.Forwarded && src == nil && v.nodeIDs[r.Remote.Addr()][r.Peer]
+	// A Forwarded source that no workload owns yet may be a pod its node has just started:
+	// its CNI enrolled it before the controller published its address. Accepted only
+	// when the tunnel comes from a node running a pod with the peer's identity that has
+	// no address yet; an address that belongs to a workload never is.
+	newPod := r.Forwarded && src == nil && v.startingIDs[r.Remote.Addr()][r.Peer]
 	if !nodeProxy && !newPod && (src == nil || src.id != r.Peer) {
 		owner := "no known workload"
 		if src != nil {

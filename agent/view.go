@@ -40,9 +40,12 @@ type view struct {
 	// address conflict never takes a pod out of the capture.
 	pods []*workload
 	// nodeIDs maps each node address (status.hostIPs) to the identities of the pods
-	// that node runs, with an address or not yet: who may open a tunnel from that address
-	// without Forwarded, or for a source address no workload owns yet.
+	// that node runs: who may open a tunnel from that address without Forwarded.
 	nodeIDs map[netip.Addr]map[spiffeid.ID]bool
+	// startingIDs maps each node address to the identities of that node's pods that have
+	// no address yet (just started: their CNI enrolled them before the controller
+	// published their address): who may name a source address no workload owns yet.
+	startingIDs map[netip.Addr]map[spiffeid.ID]bool
 	// conflicts are addresses claimed by more than one pod, left out of byIP.
 	conflicts []netip.Addr
 }
@@ -50,7 +53,8 @@ type view struct {
 // newView builds the view of st for node; the pods in cniEnrolled are enrolled whatever
 // their labels say (the CNI plugin decided from the API server's labels, newer than st).
 func newView(st *cluster.State, node string, td spiffeid.TrustDomain, cniEnrolled map[podKey]bool) *view {
-	v := &view{state: st, byIP: map[netip.Addr]*workload{}, vips: map[netip.Addr]*service{}, nodeIDs: map[netip.Addr]map[spiffeid.ID]bool{}}
+	v := &view{state: st, byIP: map[netip.Addr]*workload{}, vips: map[netip.Addr]*service{},
+		nodeIDs: map[netip.Addr]map[spiffeid.ID]bool{}, startingIDs: map[netip.Addr]map[spiffeid.ID]bool{}}
 	conflicts := map[netip.Addr]bool{}
 	// A node's addresses, from any of its pods that reports them: a pod that has just
 	// started (no address yet, or no status at all) still counts for its node.
@@ -72,11 +76,15 @@ func newView(st *cluster.State, node string, td spiffeid.TrustDomain, cniEnrolle
 		if len(hosts) == 0 {
 			hosts = nodeAddrs[p.Node]
 		}
+		ids := v.nodeIDs
+		if len(p.IPs) == 0 {
+			ids = v.startingIDs
+		}
 		for _, h := range hosts {
-			if v.nodeIDs[h] == nil {
-				v.nodeIDs[h] = map[spiffeid.ID]bool{}
+			if ids[h] == nil {
+				ids[h] = map[spiffeid.ID]bool{}
 			}
-			v.nodeIDs[h][id] = true
+			ids[h][id] = true
 		}
 		if len(p.IPs) == 0 {
 			continue

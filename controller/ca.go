@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"sync"
 	"time"
 
 	"github.com/veilmesh/veil/identity"
@@ -19,7 +20,10 @@ import (
 
 // CAServer serves identity's CA over gRPC with TLS.
 type CAServer struct {
-	CA        *identity.CA
+	// CA signs, and its signing certificate issues the server's own TLS certificate. A
+	// CASource that changes (CAReloader: a rotation) applies to the next request and the
+	// next handshake; the serving certificate is issued anew under each CA.
+	CA        identity.CASource
 	Auth      identity.Authenticator
 	Workloads identity.WorkloadIndex
 	// ServerNames are the DNS names agents dial the CA by; the listener's IP is added.
@@ -89,14 +93,16 @@ func (s *CAServer) Serve(ctx context.Context, lis net.Listener) error {
 	if a, ok := lis.Addr().(*net.TCPAddr); ok && !a.IP.IsUnspecified() {
 		ips = append(ips, a.IP)
 	}
-	cert, err := s.CA.ServingCertificate(s.ServerNames, ips, servingLifetime)
-	if err != nil {
+	serving := &servingCerts{names: s.ServerNames, ips: ips}
+	if _, err := serving.get(s.CA.Current()); err != nil {
 		return err
 	}
 	kp, ep := s.keepalive()
 	g := grpc.NewServer(grpc.Creds(credentials.NewTLS(&tls.Config{
-		MinVersion:   tls.VersionTLS13,
-		Certificates: []tls.Certificate{cert},
+		MinVersion: tls.VersionTLS13,
+		GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) {
+			return serving.get(s.CA.Current())
+		},
 	})),
 		grpc.KeepaliveParams(kp),
 		grpc.KeepaliveEnforcementPolicy(ep),
@@ -113,13 +119,39 @@ func (s *CAServer) Serve(ctx context.Context, lis net.Listener) error {
 		g.GracefulStop()
 		t.Stop()
 	}()
-	log.Info("ca: serving", "addr", lis.Addr().String(), "trust_domain", s.CA.TrustDomain().String(), "server_names", s.ServerNames)
-	err = g.Serve(lis)
+	log.Info("ca: serving", "addr", lis.Addr().String(), "trust_domain", s.CA.Current().TrustDomain().String(), "server_names", s.ServerNames)
+	err := g.Serve(lis)
 	<-stopped
 	if errors.Is(err, grpc.ErrServerStopped) {
 		err = nil
 	}
 	return err
+}
+
+// servingCerts holds the CA server's TLS certificate, issued by the CA in force and
+// issued again when the CA changes: after a rotation switched signing to a new root,
+// the server's certificate chains to it too, so agents that trust only the new root (the
+// old one removed) still connect.
+type servingCerts struct {
+	names []string
+	ips   []net.IP
+
+	mu   sync.Mutex
+	ca   *identity.CA
+	cert *tls.Certificate
+}
+
+func (s *servingCerts) get(ca *identity.CA) (*tls.Certificate, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.ca != ca {
+		cert, err := ca.ServingCertificate(s.names, s.ips, servingLifetime)
+		if err != nil {
+			return nil, err
+		}
+		s.ca, s.cert = ca, &cert
+	}
+	return s.cert, nil
 }
 
 // LoadNodeTokens reads a YAML map of node name -> bootstrap token. The file holds

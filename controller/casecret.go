@@ -14,7 +14,7 @@ import (
 )
 
 // caFiles are the keys of the CA Secret: Istio's cacerts layout.
-var caFiles = []string{identity.CACertFile, identity.CAKeyFile, identity.CertChainFile, identity.RootCertFile}
+var caFiles = identity.CAFileNames
 
 // RootConfigMapKey is the key under which the trust bundle is published.
 const RootConfigMapKey = identity.RootCertFile
@@ -23,8 +23,10 @@ const RootConfigMapKey = identity.RootCertFile
 // cacerts layout (an operator's plug-in root or intermediate goes there as it would for
 // Istio). When the Secret does not exist, a root is generated and the Secret created;
 // when another replica created it first, that one is used, so replicas starting together
-// end with one root. The Secret is checked as a --ca-dir is (a key that does not match,
-// a certificate that is not a CA, a chain that does not verify are refused).
+// end with one root. The Secret is checked as a --ca-dir is (identity.ParseCA: a key that
+// does not match, a certificate that is not a CA, a chain that does not verify to a root
+// of root-cert.pem are refused, with an error naming the Secret and the key); a Secret
+// that exists but lacks some of the files is refused, never filled in.
 func LoadOrCreateCASecret(ctx context.Context, cs kubernetes.Interface, namespace, name string, opts identity.CAOptions) (*identity.CA, error) {
 	secrets := cs.CoreV1().Secrets(namespace)
 	s, err := secrets.Get(ctx, name, metav1.GetOptions{})
@@ -34,23 +36,34 @@ func LoadOrCreateCASecret(ctx context.Context, cs kubernetes.Interface, namespac
 	if err != nil {
 		return nil, fmt.Errorf("controller: CA secret %s/%s: %w", namespace, name, err)
 	}
-	dir, err := os.MkdirTemp("", "veil-ca-")
-	if err != nil {
-		return nil, err
-	}
-	defer os.RemoveAll(dir)
-	for _, f := range caFiles {
-		if b, ok := s.Data[f]; ok {
-			if err := os.WriteFile(filepath.Join(dir, f), b, 0o600); err != nil {
-				return nil, err
-			}
-		}
-	}
-	ca, err := identity.LoadOrCreateCA(dir, opts)
+	ca, err := identity.ParseCA(secretCAFiles(s), opts)
 	if err != nil {
 		return nil, fmt.Errorf("controller: CA secret %s/%s: %w", namespace, name, err)
 	}
 	return ca, nil
+}
+
+// SecretCAFiles returns a CAReloader's read function for the CA Secret namespace/name:
+// its data under the keys of Istio's cacerts layout. Replacing the Secret's content
+// (kubectl replace) is how an operator rotates the CA.
+func SecretCAFiles(cs kubernetes.Interface, namespace, name string) func(context.Context) (map[string][]byte, error) {
+	return func(ctx context.Context) (map[string][]byte, error) {
+		s, err := cs.CoreV1().Secrets(namespace).Get(ctx, name, metav1.GetOptions{})
+		if err != nil {
+			return nil, err
+		}
+		return secretCAFiles(s), nil
+	}
+}
+
+func secretCAFiles(s *corev1.Secret) map[string][]byte {
+	files := map[string][]byte{}
+	for _, f := range caFiles {
+		if b, ok := s.Data[f]; ok {
+			files[f] = b
+		}
+	}
+	return files
 }
 
 // createCASecret generates a root and creates the Secret, or returns the one another

@@ -6,9 +6,11 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/hex"
 	"encoding/pem"
 	"errors"
 	"fmt"
@@ -18,6 +20,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -65,7 +68,7 @@ func (o CAOptions) withDefaults() CAOptions {
 }
 
 // CA signs workload certificates. It is immutable after construction and safe for
-// concurrent use.
+// concurrent use: a rotation replaces the CA (see CASource), never changes one.
 type CA struct {
 	opts   CAOptions
 	signer crypto.Signer
@@ -74,6 +77,8 @@ type CA struct {
 	roots  []*x509.Certificate // the trust bundle
 	// rootsPEM is root-cert.pem as read or written, returned to clients as the bundle.
 	rootsPEM []byte
+	// signingRoot is the root of roots that cert chains to.
+	signingRoot *x509.Certificate
 }
 
 // LoadOrCreateCA loads the CA from dir (Istio `cacerts` layout). If dir holds none of
@@ -130,72 +135,99 @@ func NewSelfSignedCA(opts CAOptions) (*CA, error) {
 		return nil, err
 	}
 	return &CA{
-		opts:     opts,
-		signer:   key,
-		cert:     cert,
-		roots:    []*x509.Certificate{cert},
-		rootsPEM: encodeCerts(cert),
+		opts:        opts,
+		signer:      key,
+		cert:        cert,
+		roots:       []*x509.Certificate{cert},
+		rootsPEM:    encodeCerts(cert),
+		signingRoot: cert,
 	}, nil
 }
 
 // LoadCA loads an operator-supplied CA from dir: ca-cert.pem, ca-key.pem, root-cert.pem
-// and, when ca-cert.pem is an intermediate, cert-chain.pem. It refuses a key that does
-// not match ca-cert.pem, a ca-cert.pem that is not a CA, and a chain that does not verify
-// to one of the roots in root-cert.pem.
+// and, when ca-cert.pem is an intermediate, cert-chain.pem (see ParseCA). Errors name dir
+// and the file.
 func LoadCA(dir string, opts CAOptions) (*CA, error) {
-	opts = opts.withDefaults()
-	read := func(name string, required bool) ([]byte, error) {
+	files, err := ReadCAFiles(dir)
+	if err != nil {
+		return nil, err
+	}
+	ca, err := ParseCA(files, opts)
+	if err != nil {
+		return nil, fmt.Errorf("identity: ca dir %s: %w", dir, err)
+	}
+	return ca, nil
+}
+
+// CAFileNames are the files of Istio's cacerts layout, in the order a CA directory
+// or Secret lists them.
+var CAFileNames = []string{CACertFile, CAKeyFile, CertChainFile, RootCertFile}
+
+// ReadCAFiles reads the files of Istio's cacerts layout from dir, by file name. A file
+// that does not exist is left out; ParseCA says which are required.
+func ReadCAFiles(dir string) (map[string][]byte, error) {
+	files := make(map[string][]byte, len(CAFileNames))
+	for _, name := range CAFileNames {
 		b, err := os.ReadFile(filepath.Join(dir, name))
-		if errors.Is(err, fs.ErrNotExist) && !required {
-			return nil, nil
+		if errors.Is(err, fs.ErrNotExist) {
+			continue
 		}
 		if err != nil {
 			return nil, fmt.Errorf("identity: ca dir %s: %w", dir, err)
 		}
-		return b, nil
+		files[name] = b
 	}
-	certPEM, err := read(CACertFile, true)
-	if err != nil {
-		return nil, err
-	}
-	keyPEM, err := read(CAKeyFile, true)
-	if err != nil {
-		return nil, err
-	}
-	rootsPEM, err := read(RootCertFile, true)
-	if err != nil {
-		return nil, err
-	}
-	chainPEM, err := read(CertChainFile, false)
-	if err != nil {
-		return nil, err
-	}
+	return files, nil
+}
 
-	certs, err := ParseCertificates(certPEM)
+// ParseCA builds a CA from the files of Istio's cacerts layout, by file name (a CA
+// directory's files, or a Secret's data): ca-cert.pem, the signing certificate (a root
+// or an intermediate); ca-key.pem, its key; root-cert.pem, the trust bundle: every root
+// the mesh trusts, one PEM certificate or several during a root rotation; and, when
+// ca-cert.pem is an intermediate, cert-chain.pem, its chain up to the root. It refuses a
+// key that does not match ca-cert.pem, a ca-cert.pem that is not a CA, a bundle holding
+// anything but CA certificates, and a ca-cert.pem that does not verify to one of the
+// roots in root-cert.pem: a bundle that does not hold the signing root would leave
+// agents unable to verify the certificates the CA issues. Errors name the file; the
+// caller adds where the files came from.
+func ParseCA(files map[string][]byte, opts CAOptions) (*CA, error) {
+	opts = opts.withDefaults()
+	for _, name := range []string{CACertFile, CAKeyFile, RootCertFile} {
+		if _, ok := files[name]; !ok {
+			return nil, fmt.Errorf("%s: missing (required with %s)", name, strings.Join(CAFileNames, ", "))
+		}
+	}
+	certs, err := ParseCertificates(files[CACertFile])
 	if err != nil || len(certs) != 1 {
-		return nil, fmt.Errorf("identity: %s: want exactly one certificate: %v", CACertFile, err)
+		return nil, fmt.Errorf("%s: want exactly one certificate: %v", CACertFile, errors.Join(err, fmt.Errorf("found %d", len(certs))))
 	}
 	cert := certs[0]
 	if !cert.IsCA || cert.KeyUsage&x509.KeyUsageCertSign == 0 {
-		return nil, fmt.Errorf("identity: %s: %q is not a CA certificate (basic constraints CA and key usage certSign required)", CACertFile, cert.Subject)
+		return nil, fmt.Errorf("%s: %q is not a CA certificate (basic constraints CA and key usage certSign required)", CACertFile, cert.Subject)
 	}
-	signer, err := ParsePrivateKey(keyPEM)
+	signer, err := ParsePrivateKey(files[CAKeyFile])
 	if err != nil {
-		return nil, fmt.Errorf("identity: %s: %w", CAKeyFile, err)
+		return nil, fmt.Errorf("%s: %w", CAKeyFile, err)
 	}
 	if !publicKeysEqual(signer.Public(), cert.PublicKey) {
-		return nil, fmt.Errorf("identity: %s does not match the public key of %s", CAKeyFile, CACertFile)
+		return nil, fmt.Errorf("%s does not match the public key of %s", CAKeyFile, CACertFile)
 	}
+	rootsPEM := files[RootCertFile]
 	roots, err := ParseCertificates(rootsPEM)
 	if err != nil {
-		return nil, fmt.Errorf("identity: %s: %w", RootCertFile, err)
+		return nil, fmt.Errorf("%s: %w", RootCertFile, err)
 	}
 	if len(roots) == 0 {
-		return nil, fmt.Errorf("identity: %s: no certificates", RootCertFile)
+		return nil, fmt.Errorf("%s: no certificates", RootCertFile)
 	}
-	chainCerts, err := ParseCertificates(chainPEM)
+	for i, r := range roots {
+		if !r.IsCA {
+			return nil, fmt.Errorf("%s: certificate %d (%q) is not a CA certificate: the trust bundle holds roots only", RootCertFile, i, r.Subject)
+		}
+	}
+	chainCerts, err := ParseCertificates(files[CertChainFile])
 	if err != nil {
-		return nil, fmt.Errorf("identity: %s: %w", CertChainFile, err)
+		return nil, fmt.Errorf("%s: %w", CertChainFile, err)
 	}
 	// The chain between the signing certificate and the roots: cert-chain.pem minus the
 	// signing certificate itself and minus any root (Istio's cert-chain.pem usually
@@ -208,9 +240,12 @@ func LoadCA(dir string, opts CAOptions) (*CA, error) {
 		chain = append(chain, c)
 	}
 	ca := &CA{opts: opts, signer: signer, cert: cert, chain: chain, roots: roots, rootsPEM: rootsPEM}
-	if _, err := ca.verify(cert, opts.Clock.Now()); err != nil {
-		return nil, fmt.Errorf("identity: %s does not verify to a root in %s through %s: %w", CACertFile, RootCertFile, CertChainFile, err)
+	chains, err := ca.verify(cert, opts.Clock.Now())
+	if err != nil {
+		return nil, fmt.Errorf("%s (%q, issued by %q) does not verify to a root in %s through %s: %w; %s must hold the root %s chains to (in a root rotation, the new root is added to %s before signing switches to it)",
+			CACertFile, cert.Subject, cert.Issuer, RootCertFile, CertChainFile, err, RootCertFile, CACertFile, RootCertFile)
 	}
+	ca.signingRoot = chains[0][len(chains[0])-1]
 	return ca, nil
 }
 
@@ -225,6 +260,49 @@ func (ca *CA) RootsPEM() []byte { return bytes.Clone(ca.rootsPEM) }
 
 // SigningCertificate returns the certificate that signs leaves.
 func (ca *CA) SigningCertificate() *x509.Certificate { return ca.cert }
+
+// SigningRoot returns the root of the trust bundle that the signing certificate, and so
+// every leaf the CA issues, chains to.
+func (ca *CA) SigningRoot() *x509.Certificate { return ca.signingRoot }
+
+// MaxTTL is the longest lifetime of the leaves the CA issues.
+func (ca *CA) MaxTTL() time.Duration { return ca.opts.MaxTTL }
+
+// Current returns ca itself: a CA that never changes is its own CASource.
+func (ca *CA) Current() *CA { return ca }
+
+// A CASource returns the CA in force. A CA that the operator may rotate while the
+// controller runs (controller.CAReloader) is one; so is a *CA, which never changes. Each
+// request uses the CA returned when it starts.
+type CASource interface {
+	Current() *CA
+}
+
+// Equal reports whether ca and other sign with the same certificate and chain and
+// publish the same trust bundle.
+func (ca *CA) Equal(other *CA) bool {
+	return other != nil && ca.cert.Equal(other.cert) && certsEqual(ca.chain, other.chain) && certsEqual(ca.roots, other.roots)
+}
+
+func certsEqual(a, b []*x509.Certificate) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if !a[i].Equal(b[i]) {
+			return false
+		}
+	}
+	return true
+}
+
+// Fingerprint is the SHA-256 of a certificate's DER encoding in lower-case hex, as
+// `openssl x509 -in root.pem -outform DER | sha256sum` prints it: how logs, metrics and
+// the admin endpoints name a root.
+func Fingerprint(c *x509.Certificate) string {
+	sum := sha256.Sum256(c.Raw)
+	return hex.EncodeToString(sum[:])
+}
 
 // verify checks that c chains, through the CA's chain, to one of its roots at time now.
 func (ca *CA) verify(c *x509.Certificate, now time.Time) ([][]*x509.Certificate, error) {

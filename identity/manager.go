@@ -25,6 +25,9 @@ import (
 	"k8s.io/utils/clock"
 )
 
+// CAAnswer is the source, in a TrustBundle, of the roots of the CA's latest answer.
+const CAAnswer = "the CA's answer"
+
 // issueTimeout bounds one certificate request.
 const issueTimeout = 30 * time.Second
 
@@ -52,6 +55,12 @@ type ManagerOptions struct {
 	Rand func() float64
 	// Log receives renewals and failures. Default slog.Default().
 	Log *slog.Logger
+	// Bundle is the trust bundle of its trust domain (the agent's, with --ca-root as
+	// another source). The manager makes the roots of every CA answer (the last element
+	// of the response: the bundle the CA has in force) its source CAAnswer, and when the
+	// roots in force change renews at once any certificate that no longer chains to one
+	// of them. Default: a bundle per trust domain, held by the manager only.
+	Bundle *TrustBundle
 }
 
 // Certificate is a workload's key and certificate chain as the manager holds them. It
@@ -64,10 +73,16 @@ type Certificate struct {
 
 	tls  tls.Certificate
 	svid x509svid.SVID
+	root *x509.Certificate // the root of Roots the chain verifies to
 }
 
 func newCertificate(iss *Issued, key crypto.Signer) *Certificate {
 	c := &Certificate{ID: iss.ID, Chain: iss.Chain, Roots: iss.Roots, Key: key}
+	// Verified at the end of the leaf's validity, when the chain is valid too (a leaf never
+	// outlives its signing certificate): only which root it reaches matters here.
+	if chains, err := verifyChain(iss.Leaf(), iss.Chain[1:], iss.Roots, iss.Leaf().NotAfter.Add(-time.Second)); err == nil {
+		c.root = chains[0][len(chains[0])-1]
+	}
 	c.tls = tls.Certificate{PrivateKey: key, Leaf: iss.Leaf()}
 	for _, x := range iss.Chain {
 		c.tls.Certificate = append(c.tls.Certificate, x.Raw)
@@ -78,6 +93,10 @@ func newCertificate(iss *Issued, key crypto.Signer) *Certificate {
 
 // Leaf is the workload's certificate.
 func (c *Certificate) Leaf() *x509.Certificate { return c.Chain[0] }
+
+// Root is the root of the CA's bundle that the certificate chains to; nil when the
+// chain did not verify (an Issuer that skipped its checks).
+func (c *Certificate) Root() *x509.Certificate { return c.root }
 
 // TLSCertificate returns the certificate for crypto/tls. The caller must not modify it.
 func (c *Certificate) TLSCertificate() *tls.Certificate { return &c.tls }
@@ -97,6 +116,9 @@ type CertState struct {
 	NextAttempt time.Time `json:"next_attempt,omitzero"`
 	Failures    int       `json:"failures,omitempty"`
 	LastError   string    `json:"last_error,omitempty"`
+	// RootSHA256 is the Fingerprint of the root the certificate chains to: during a
+	// root rotation, which root signed it.
+	RootSHA256 string `json:"root_sha256,omitempty"`
 	// Chain describes the certificate chain, leaf first, then the roots it verifies to.
 	Chain []CertInfo `json:"chain,omitempty"`
 }
@@ -132,11 +154,12 @@ type Manager struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
-	bundle *x509bundle.Set
 
 	mu sync.Mutex // guards the fields below
 	// entries holds one keeper per identity asked for and not forgotten.
 	entries map[spiffeid.ID]*entry
+	// bundles holds the trust bundle of each trust domain seen.
+	bundles map[spiffeid.TrustDomain]*TrustBundle
 	closed  bool
 }
 
@@ -147,6 +170,8 @@ type entry struct {
 	ctx    context.Context // ends when the entry is forgotten or the manager closes
 	cancel context.CancelFunc
 	cur    atomic.Pointer[Certificate] // nil until the first issuance
+	// kick, buffered, makes the keeper renew now instead of at its next renewal time.
+	kick chan struct{}
 
 	mu sync.Mutex // guards the fields below
 	// changed is closed and replaced whenever an attempt completes.
@@ -186,13 +211,18 @@ func NewManager(opts ManagerOptions) (*Manager, error) {
 		opts.Log = slog.Default()
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	return &Manager{
+	m := &Manager{
 		opts:    opts,
 		ctx:     ctx,
 		cancel:  cancel,
-		bundle:  x509bundle.NewSet(),
 		entries: make(map[spiffeid.ID]*entry),
-	}, nil
+		bundles: make(map[spiffeid.TrustDomain]*TrustBundle),
+	}
+	if b := opts.Bundle; b != nil {
+		m.bundles[b.TrustDomain()] = b
+		b.OnChange(func() { m.recheck(b) })
+	}
+	return m, nil
 }
 
 // Close stops every renewal and waits for them. Later calls return ErrClosed.
@@ -217,9 +247,14 @@ func (m *Manager) Get(ctx context.Context, id spiffeid.ID) (*Certificate, error)
 		if c := e.cur.Load(); c != nil && m.opts.Clock.Now().Before(c.Leaf().NotAfter) {
 			return c, nil
 		}
+		// Again under the lock the keeper stores it under: an issuance that completed
+		// since the load above has already replaced changed.
 		e.mu.Lock()
-		lastErr, changed := e.lastErr, e.changed
+		c, lastErr, changed := e.cur.Load(), e.lastErr, e.changed
 		e.mu.Unlock()
+		if c != nil && m.opts.Clock.Now().Before(c.Leaf().NotAfter) {
+			return c, nil
+		}
 		if lastErr != nil {
 			return nil, fmt.Errorf("identity: no valid certificate for %s: %w", id, lastErr)
 		}
@@ -258,10 +293,93 @@ func (m *Manager) Forget(id spiffeid.ID) {
 	}
 }
 
-// GetX509BundleForTrustDomain implements go-spiffe's x509bundle.Source with the roots
-// the CA returned most recently.
+// GetX509BundleForTrustDomain implements go-spiffe's x509bundle.Source with the trust
+// bundle of td: the roots the CA returned most recently, and those of the bundle's other
+// sources (a BundleFile).
 func (m *Manager) GetX509BundleForTrustDomain(td spiffeid.TrustDomain) (*x509bundle.Bundle, error) {
-	return m.bundle.GetX509BundleForTrustDomain(td)
+	m.mu.Lock()
+	b := m.bundles[td]
+	m.mu.Unlock()
+	if b == nil {
+		return nil, fmt.Errorf("identity: no trust bundle for trust domain %q", td)
+	}
+	return b.GetX509BundleForTrustDomain(td)
+}
+
+// bundle returns td's trust bundle, creating it when needed.
+func (m *Manager) bundle(td spiffeid.TrustDomain) *TrustBundle {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	b := m.bundles[td]
+	if b == nil {
+		b = NewTrustBundle(td)
+		m.bundles[td] = b
+		b.OnChange(func() { m.recheck(b) })
+	}
+	return b
+}
+
+// Bundles describes the trust bundle of every trust domain, sorted by trust domain.
+func (m *Manager) Bundles() []BundleState {
+	m.mu.Lock()
+	out := make([]BundleState, 0, len(m.bundles))
+	for _, b := range m.bundles {
+		out = append(out, b.State())
+	}
+	m.mu.Unlock()
+	sort.Slice(out, func(i, j int) bool { return out[i].TrustDomain < out[j].TrustDomain })
+	return out
+}
+
+// recheck renews at once every certificate of b's trust domain that no longer chains
+// to one of b's roots: peers that hold the new bundle would refuse it.
+func (m *Manager) recheck(b *TrustBundle) {
+	roots := b.Roots()
+	for _, e := range m.entriesOf(b.TrustDomain()) {
+		if c := e.cur.Load(); c != nil && c.root != nil && !containsCert(roots, c.root) {
+			m.opts.Log.Info("trust bundle no longer holds the root of a certificate: renewing it now",
+				"identity", e.id.String(), "root", Fingerprint(c.root))
+			e.renewNow()
+		}
+	}
+}
+
+// Refresh asks the CA for the trust bundle it has in force, by renewing now the
+// certificate of td that was issued first (the answer carries the bundle, which becomes
+// the source CAAnswer). The agent calls it when its --ca-root file changes, so that a
+// root the file dropped is dropped once the CA confirms. Without a certificate of td, it
+// does nothing.
+func (m *Manager) Refresh(td spiffeid.TrustDomain) {
+	var oldest *entry
+	var at time.Time
+	for _, e := range m.entriesOf(td) {
+		if c := e.cur.Load(); c != nil && (oldest == nil || c.Leaf().NotBefore.Before(at)) {
+			oldest, at = e, c.Leaf().NotBefore
+		}
+	}
+	if oldest != nil {
+		oldest.renewNow()
+	}
+}
+
+func (m *Manager) entriesOf(td spiffeid.TrustDomain) []*entry {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var out []*entry
+	for id, e := range m.entries {
+		if id.TrustDomain() == td {
+			out = append(out, e)
+		}
+	}
+	return out
+}
+
+// renewNow makes e's keeper renew without waiting for its renewal time.
+func (e *entry) renewNow() {
+	select {
+	case e.kick <- struct{}{}:
+	default:
+	}
 }
 
 // States returns every identity's certificate state, sorted by identity.
@@ -283,6 +401,9 @@ func (m *Manager) States() []CertState {
 			s.State = "valid"
 			if !now.Before(leaf.NotAfter) {
 				s.State = "expired"
+			}
+			if c.root != nil {
+				s.RootSHA256 = Fingerprint(c.root)
 			}
 			for _, x := range c.Chain {
 				s.Chain = append(s.Chain, certInfo(x, false))
@@ -317,19 +438,24 @@ func (m *Manager) entry(id spiffeid.ID) (*entry, error) {
 		return e, nil
 	}
 	ctx, cancel := context.WithCancel(m.ctx)
-	e := &entry{id: id, ctx: ctx, cancel: cancel, changed: make(chan struct{})}
+	e := &entry{id: id, ctx: ctx, cancel: cancel, changed: make(chan struct{}), kick: make(chan struct{}, 1)}
 	m.entries[id] = e
 	m.wg.Add(1)
 	go m.keep(ctx, e)
 	return e, nil
 }
 
-// keep issues e's certificate, then renews it at half-life, retrying failures with
-// backoff, until ctx ends.
+// keep issues e's certificate, then renews it at half-life (or when kicked), retrying
+// failures with backoff, until ctx ends.
 func (m *Manager) keep(ctx context.Context, e *entry) {
 	defer m.wg.Done()
 	log := m.opts.Log.With("identity", e.id.String())
 	for {
+		// A kick that arrived while this attempt was pending is served by it.
+		select {
+		case <-e.kick:
+		default:
+		}
 		c, err := m.issue(ctx, e.id)
 		if ctx.Err() != nil {
 			return
@@ -344,12 +470,24 @@ func (m *Manager) keep(ctx context.Context, e *entry) {
 			e.nextAttempt = now.Add(wait)
 			log.Warn("certificate request failed", "failures", e.failures, "retry_in", wait, "err", err)
 		} else {
+			// The CA's bundle first: whoever gets the certificate verifies peers with it.
+			b := m.bundle(e.id.TrustDomain())
+			if _, err := b.Set(CAAnswer, c.Roots); err != nil {
+				log.Warn("trust bundle not updated", "err", err)
+			}
 			e.cur.Store(c)
+			// A kick for the certificate just replaced is moot; the new one is checked here.
+			select {
+			case <-e.kick:
+			default:
+			}
+			if c.root != nil && !containsCert(b.Roots(), c.root) {
+				e.renewNow()
+			}
 			e.failures, e.lastErr = 0, nil
-			e.renewAt = m.renewAt(c.Leaf())
+			e.renewAt = m.renewAt(c.Leaf(), now)
 			e.nextAttempt = e.renewAt
 			wait = e.renewAt.Sub(now)
-			m.bundle.Add(x509bundle.FromX509Authorities(e.id.TrustDomain(), c.Roots))
 			log.Info("certificate issued", "serial", c.Leaf().SerialNumber.Text(16), "not_after", c.Leaf().NotAfter, "renew_at", e.renewAt)
 		}
 		close(e.changed)
@@ -362,6 +500,8 @@ func (m *Manager) keep(ctx context.Context, e *entry) {
 			t.Stop()
 			return
 		case <-t.C():
+		case <-e.kick:
+			t.Stop()
 		}
 	}
 }
@@ -382,11 +522,18 @@ func (m *Manager) issue(ctx context.Context, id spiffeid.ID) (*Certificate, erro
 	return newCertificate(iss, key), nil
 }
 
-// renewAt is half-way through the leaf's lifetime, less up to Jitter of that half.
-func (m *Manager) renewAt(leaf *x509.Certificate) time.Time {
-	half := leaf.NotAfter.Sub(leaf.NotBefore) / 2
+// renewAt is half-way through the leaf's lifetime, less up to Jitter of that half. The
+// lifetime counts from when the leaf arrived (received), not from its NotBefore, which
+// the CA backdates for clock skew: a leaf shorter than the backdate would otherwise be
+// renewed as soon as it arrives, again and again.
+func (m *Manager) renewAt(leaf *x509.Certificate, received time.Time) time.Time {
+	start := leaf.NotBefore
+	if received.After(start) && received.Before(leaf.NotAfter) {
+		start = received
+	}
+	half := leaf.NotAfter.Sub(start) / 2
 	early := time.Duration(float64(half) * m.opts.Jitter * m.opts.Rand())
-	return leaf.NotBefore.Add(half - early)
+	return start.Add(half - early)
 }
 
 // backoff is InitialBackoff doubled per failure after the first, capped at MaxBackoff,

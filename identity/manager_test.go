@@ -103,10 +103,11 @@ func TestManagerIssuesAndRenewsAtHalfLife(t *testing.T) {
 		t.Fatal(err)
 	}
 	leaf := c1.Leaf()
-	half := leaf.NotAfter.Sub(leaf.NotBefore) / 2
+	// Half of the lifetime left when it arrived (at t0): the backdate does not count.
+	half := leaf.NotAfter.Sub(t0) / 2
 	st := state(t, m, id)
-	if st.State != "valid" || !st.RenewAt.Equal(leaf.NotBefore.Add(half)) {
-		t.Fatalf("state %+v, want valid with renewal at half-life %v", st, leaf.NotBefore.Add(half))
+	if st.State != "valid" || !st.RenewAt.Equal(t0.Add(half)) {
+		t.Fatalf("state %+v, want valid with renewal at half-life %v", st, t0.Add(half))
 	}
 	// Just before half-life: nothing happens.
 	step(t, clk, st.RenewAt.Sub(clk.Now())-time.Second)
@@ -138,11 +139,11 @@ func TestManagerRenewalJitterIsEarlyNeverLate(t *testing.T) {
 		t.Fatal(err)
 	}
 	leaf := c.Leaf()
-	half := leaf.NotAfter.Sub(leaf.NotBefore) / 2
+	half := leaf.NotAfter.Sub(t0) / 2
 	renew := state(t, m, id).RenewAt
-	earliest := leaf.NotBefore.Add(half - half/10)
-	if renew.Before(earliest) || !renew.Before(leaf.NotBefore.Add(half)) {
-		t.Fatalf("renewal at %v, want in [%v, %v)", renew, earliest, leaf.NotBefore.Add(half))
+	earliest := t0.Add(half - half/10)
+	if renew.Before(earliest) || !renew.Before(t0.Add(half)) {
+		t.Fatalf("renewal at %v, want in [%v, %v)", renew, earliest, t0.Add(half))
 	}
 }
 

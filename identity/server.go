@@ -113,7 +113,8 @@ func (BearerToken) RequireTransportSecurity() bool { return true }
 type Server struct {
 	pb.UnimplementedIstioCertificateServiceServer
 
-	CA        *CA
+	// CA signs; a CASource that changes (a rotation) applies from the next request on.
+	CA        CASource
 	Auth      Authenticator
 	Workloads WorkloadIndex
 	Log       *slog.Logger // nil means slog.Default()
@@ -131,12 +132,13 @@ func (s *Server) CreateCertificate(ctx context.Context, req *pb.IstioCertificate
 	if log == nil {
 		log = slog.Default()
 	}
+	ca := s.CA.Current()
 	caller, err := s.Auth.Authenticate(ctx)
 	if err != nil {
 		log.Warn("ca: refused: unauthenticated", "peer", peerAddr(ctx), "err", err)
 		return nil, status.Errorf(codes.Unauthenticated, "ca: %v", err)
 	}
-	csr, id, err := ParseCSR([]byte(req.GetCsr()), s.CA.TrustDomain())
+	csr, id, err := ParseCSR([]byte(req.GetCsr()), ca.TrustDomain())
 	if err != nil {
 		log.Warn("ca: refused: invalid CSR", "node", caller.Node, "err", err)
 		return nil, status.Errorf(codes.InvalidArgument, "ca: %v", err)
@@ -157,7 +159,7 @@ func (s *Server) CreateCertificate(ctx context.Context, req *pb.IstioCertificate
 	if req.GetValidityDuration() < 0 {
 		return nil, status.Errorf(codes.InvalidArgument, "ca: negative validity_duration %d", req.GetValidityDuration())
 	}
-	issued, err := s.CA.sign(csr, id, time.Duration(req.GetValidityDuration())*time.Second)
+	issued, err := ca.sign(csr, id, time.Duration(req.GetValidityDuration())*time.Second)
 	if err != nil {
 		log.Error("ca: signing failed", "node", caller.Node, "identity", id.String(), "err", err)
 		if errors.Is(err, ErrInvalidCSR) {
@@ -169,7 +171,7 @@ func (s *Server) CreateCertificate(ctx context.Context, req *pb.IstioCertificate
 	for _, c := range issued.Chain {
 		chain = append(chain, string(encodeCerts(c)))
 	}
-	chain = append(chain, string(s.CA.rootsPEM))
+	chain = append(chain, string(ca.rootsPEM))
 	if log.Enabled(ctx, slog.LevelDebug) {
 		log.Debug("ca: issued", "node", caller.Node, "identity", id.String(), "serial", issued.Leaf().SerialNumber.Text(16), "not_after", issued.Leaf().NotAfter)
 	}

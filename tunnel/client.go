@@ -3,6 +3,7 @@ package tunnel
 import (
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -45,8 +46,11 @@ type Target struct {
 // Pool is the HBONE client. It multiplexes streams over TLS connections it dials and
 // keeps, per Key: at most MaxStreams streams a connection (or fewer, when the server says
 // so), a new connection when all are full, a connection with no stream closed after
-// IdleTimeout, keepalive pings, a dead or going-away connection replaced. Set the fields
-// before first use; safe for concurrent use.
+// IdleTimeout, keepalive pings, a dead or going-away connection replaced. A connection
+// takes no new stream once a certificate its handshake presented or verified has
+// expired: the next stream opens a connection with the certificates and trust bundle in
+// force, so a renewed certificate and a rotated root reach pooled traffic too; the old
+// connection's streams go on, and it closes when they have ended. Set the fields before first use; safe for concurrent use.
 type Pool struct {
 	// TLSConfig returns the client configuration for a key: the source's certificate,
 	// the destination identity to expect (identity.ClientConfig). Required.
@@ -295,6 +299,7 @@ func (p *Pool) dial(ctx context.Context, k Key) (*h2Conn, error) {
 	if err != nil {
 		return nil, fmt.Errorf("hbone: tls config for %s: %w", k, err)
 	}
+	cfg, presented := recordClientCertificate(cfg)
 	raw, err := p.Dial(ctx, "tcp", k.Addr.String())
 	if err != nil {
 		return nil, fmt.Errorf("hbone: dial %s: %w", k, err)
@@ -309,6 +314,13 @@ func (p *Pool) dial(ctx context.Context, k Key) (*h2Conn, error) {
 		tc.Close()
 		return nil, fmt.Errorf("hbone: %s did not negotiate ALPN h2", k)
 	}
+	var expires time.Time
+	if peer := tc.ConnectionState().PeerCertificates; len(peer) > 0 {
+		expires = peer[0].NotAfter
+	}
+	if local := presented(); !local.IsZero() && (expires.IsZero() || local.Before(expires)) {
+		expires = local
+	}
 	window, release := p.budget.reserve(k.Src.String(), int64(p.ConnWindow))
 	c := newH2Conn(tc, h2Config{
 		maxStreams:   uint32(p.MaxStreams),
@@ -316,6 +328,7 @@ func (p *Pool) dial(ctx context.Context, k Key) (*h2Conn, error) {
 		connWindow:   int32(window),
 		keepAlive:    p.KeepAlive,
 		idleTimeout:  p.IdleTimeout,
+		expires:      expires,
 		release:      release,
 		onClose:      func(c *h2Conn) { p.forget(k, c) },
 		log:          p.Log,
@@ -331,6 +344,41 @@ func (p *Pool) dial(ctx context.Context, k Key) (*h2Conn, error) {
 		c.wait()
 	}()
 	return c, nil
+}
+
+// recordClientCertificate returns cfg (a copy, when it changes it) and a function that
+// reports the expiry of the client certificate the handshake presented (zero if none).
+func recordClientCertificate(cfg *tls.Config) (*tls.Config, func() time.Time) {
+	var notAfter time.Time
+	leafExpiry := func(c *tls.Certificate) time.Time {
+		if c == nil || len(c.Certificate) == 0 {
+			return time.Time{}
+		}
+		leaf := c.Leaf
+		if leaf == nil {
+			var err error
+			if leaf, err = x509.ParseCertificate(c.Certificate[0]); err != nil {
+				return time.Time{}
+			}
+		}
+		return leaf.NotAfter
+	}
+	if get := cfg.GetClientCertificate; get != nil {
+		cfg = cfg.Clone()
+		cfg.GetClientCertificate = func(cri *tls.CertificateRequestInfo) (*tls.Certificate, error) {
+			c, err := get(cri)
+			if err == nil {
+				notAfter = leafExpiry(c)
+			}
+			return c, err
+		}
+		// Read after the handshake, which wrote it in this goroutine.
+		return cfg, func() time.Time { return notAfter }
+	}
+	if len(cfg.Certificates) > 0 {
+		notAfter = leafExpiry(&cfg.Certificates[0])
+	}
+	return cfg, func() time.Time { return notAfter }
 }
 
 // forget drops a closed connection from its key (and the key when it has none left).

@@ -93,6 +93,10 @@ type h2Config struct {
 	keepAlive, pingTimeout time.Duration
 	// idleTimeout closes a connection with no open stream for this long.
 	idleTimeout time.Duration
+	// expires, when set, is when a client connection stops taking new streams: the
+	// earliest expiry of the certificates of its handshake. Its streams go on; once it has
+	// none it closes.
+	expires time.Time
 	// onStream is called, in its own goroutine, for each stream a client opens (server).
 	onStream func(*Stream)
 	// onClose is called once when the connection has closed.
@@ -484,10 +488,16 @@ func (c *h2Conn) armIdleLocked() {
 		}
 		return
 	}
+	// A connection that takes no new stream (its certificates expired) is closed once
+	// idle, not kept for IdleTimeout.
+	wait := c.cfg.idleTimeout
+	if !c.cfg.expires.IsZero() {
+		wait = max(min(wait, time.Until(c.cfg.expires)), 0)
+	}
 	if c.idleTimer == nil {
-		c.idleTimer = time.AfterFunc(c.cfg.idleTimeout, c.idleTick)
+		c.idleTimer = time.AfterFunc(wait, c.idleTick)
 	} else {
-		c.idleTimer.Reset(c.cfg.idleTimeout)
+		c.idleTimer.Reset(wait)
 	}
 }
 
@@ -540,7 +550,8 @@ func (c *h2Conn) canTake() bool {
 }
 
 func (c *h2Conn) takeLocked() bool {
-	return !c.closed && !c.goAwayRecv && !c.goAwaySent && uint32(len(c.streams)) < min(c.peerMaxStr, c.cfg.maxStreams) && c.nextID < 1<<31-1
+	return !c.closed && !c.goAwayRecv && !c.goAwaySent && uint32(len(c.streams)) < min(c.peerMaxStr, c.cfg.maxStreams) && c.nextID < 1<<31-1 &&
+		(c.cfg.expires.IsZero() || time.Now().Before(c.cfg.expires))
 }
 
 // usable reports whether the connection is neither closed nor going away.

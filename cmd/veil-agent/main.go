@@ -26,6 +26,7 @@ import (
 	"github.com/veilmesh/veil/bpf"
 	"github.com/veilmesh/veil/identity"
 	"github.com/veilmesh/veil/internal/handover"
+	"github.com/veilmesh/veil/internal/removal"
 	"github.com/veilmesh/veil/policy"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/keepalive"
@@ -55,7 +56,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		configCache   = fs.String("config-cache", "/var/lib/veil/config.cache", "file holding the last good config from the controller, enforced at start until the controller answers; empty disables")
 		caAddr        = fs.String("ca-addr", "", "address of the CA (veil-controller, or istiod), host:port (required)")
 		caServerName  = fs.String("ca-server-name", "veil-controller", "name in the CA's TLS certificate")
-		caRoot        = fs.String("ca-root", "", "PEM file of the roots that sign the CA's TLS certificate, e.g. the controller's root-cert.pem (required)")
+		caRoot        = fs.String("ca-root", "", "PEM file of the trust bundle: the roots that sign the CA's TLS certificate and the mesh's certificates, e.g. the controller's root-cert.pem, in Kubernetes the ConfigMap it publishes (required). Read again every --ca-root-check-interval: a root is trusted while this file or the CA's latest answer names it")
+		caRootCheck   = fs.Duration("ca-root-check-interval", 5*time.Second, "how often --ca-root is read again (a root rotation); 0 disables")
 		tokenFile     = fs.String("token-file", "", "file holding this agent's token, read at every call: its projected service-account token (audience istio-ca) in Kubernetes, or the node's bootstrap token (required)")
 		trustDomain   = fs.String("trust-domain", identity.DefaultTrustDomain, "trust domain of the mesh")
 		rootNamespace = fs.String("root-namespace", policy.DefaultRootNamespace, "Istio root namespace: its selector-less policies apply mesh-wide")
@@ -83,8 +85,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs.StringVar(&cni.binDir, "cni-bin-dir", "", "the node's CNI binary directory as mounted here (e.g. /host/opt/cni/bin): veil-cni, found beside this binary, is copied there")
 	fs.StringVar(&cni.hostConfDir, "cni-host-conf-dir", "/etc/cni/net.d", "--cni-conf-dir as the node sees it (the plugin's kubeconfig is named by that path)")
 	fs.StringVar(&cni.kubeconfig, "cni-kubeconfig", "", "kubeconfig the plugin reads pods and namespaces with, as the node sees it; empty: one written into --cni-conf-dir from this pod's service account and kept fresh")
-	fs.StringVar(&cni.uninstall, "cni-uninstall", "auto", "when stopping without a successor, remove veil-cni from the CNI configuration: auto (when the agents' DaemonSet is deleted), always, never")
-	fs.StringVar(&cni.daemonSet, "daemonset", "veil-agent", "the agents' DaemonSet in this pod's namespace (for --cni-uninstall=auto)")
+	fs.StringVar(&cni.uninstall, "uninstall", "auto", "when stopping without a successor, remove veil-cni from the CNI configuration and the capture from the node (after the drain): auto (when the agents' DaemonSet is deleted), always, never")
+	fs.StringVar(&cni.daemonSet, "daemonset", "veil-agent", "the agents' DaemonSet in this pod's namespace (for --uninstall=auto)")
 	fs.Var(&uplinks, "uplink", "interface through which other nodes' traffic arrives; repeatable (default: the interfaces of the default routes)")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -103,7 +105,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	switch {
 	case cni.uninstall != "auto" && cni.uninstall != "always" && cni.uninstall != "never":
-		return fmt.Errorf("--cni-uninstall %q: must be auto, always or never", cni.uninstall)
+		return fmt.Errorf("--uninstall %q: must be auto, always or never", cni.uninstall)
 	case cni.confDir != "" && cni.socket == "":
 		return errors.New("--cni-conf-dir needs --cni-socket: the plugin it installs talks to the agent there")
 	case cni.socket != "" && !*capture:
@@ -118,13 +120,17 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return fmt.Errorf("--trust-domain %q: %w", *trustDomain, err)
 	}
-	rootPEM, err := os.ReadFile(*caRoot)
-	if err != nil {
-		return fmt.Errorf("--ca-root: %w", err)
+	if *caRootCheck < 0 {
+		return fmt.Errorf("--ca-root-check-interval %v: must not be negative", *caRootCheck)
 	}
-	roots, err := identity.ParseCertificates(rootPEM)
-	if err != nil || len(roots) == 0 {
-		return fmt.Errorf("--ca-root %s: no PEM certificates: %v", *caRoot, err)
+	// The trust bundle: the roots --ca-root names (the bundle the controller publishes) and
+	// those of the CA's latest answer (the bundle the CA has in force), followed as both
+	// change. Every handshake reads it, with the CA as with peers: a root rotation needs
+	// no restart.
+	bundle := identity.NewTrustBundle(td)
+	bundleFile := &identity.BundleFile{Path: *caRoot, Bundle: bundle, Log: log}
+	if _, err := bundleFile.Load(); err != nil {
+		return fmt.Errorf("--ca-root: %w", err)
 	}
 	// The token is read again for every call: in Kubernetes it is the agent's projected
 	// service-account token (audience istio-ca), which the kubelet rotates.
@@ -133,17 +139,20 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	// One connection to the controller carries the CA and the config stream; keepalive
 	// notices a controller that vanished without closing.
-	conn, err := identity.DialCAWith(*caAddr, *caServerName, roots, identity.TokenFile(*tokenFile),
+	conn, err := identity.DialCABundle(*caAddr, *caServerName, bundle, identity.TokenFile(*tokenFile),
 		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 30 * time.Second, Timeout: 10 * time.Second}))
 	if err != nil {
 		return err
 	}
 	defer conn.Close()
-	certs, err := identity.NewManager(identity.ManagerOptions{Issuer: identity.NewClient(conn), TTL: *certTTL, Log: log})
+	certs, err := identity.NewManager(identity.ManagerOptions{Issuer: identity.NewClient(conn), TTL: *certTTL, Bundle: bundle, Log: log})
 	if err != nil {
 		return err
 	}
 	defer certs.Close()
+	// When --ca-root changes, an early renewal brings the CA's bundle in force: a root the
+	// file dropped goes once the CA's answer drops it too.
+	bundleFile.OnChange = func() { certs.Refresh(td) }
 
 	// A running agent on this node hands its listeners over (a DaemonSet surge, or
 	// `veilctl lab restart-agent`): the sockets never close, so not a connection is lost.
@@ -257,6 +266,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 			return err
 		}
 	}
+	var uwatch *removal.Watch
+	if cni.uninstall == "auto" && *capture {
+		uwatch = watchUninstall(cniCtx, cni.daemonSet, log)
+	}
 	httpListeners := map[string]net.Listener{}
 
 	var wg sync.WaitGroup
@@ -317,6 +330,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	// Offer the listeners to a successor. When one takes them, this agent stops changing
 	// the capture, lets the lock go, and drains.
+	removeCapture := false
 	handedOver := make(chan struct{})
 	files := func() ([]handover.Listener, error) {
 		ls, err := a.ListenerFiles()
@@ -345,12 +359,22 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	defer stopSource()
 	wg.Add(1)
 	go func() { defer wg.Done(); _ = source.Run(runCtx) }()
+	if *caRootCheck > 0 {
+		wg.Add(1)
+		go func() { defer wg.Done(); bundleFile.Watch(ctx, *caRootCheck) }()
+	}
 	select {
 	case <-ctx.Done():
 		log.Info("stopping: draining the connections held", "grace", drainGrace.String())
 		stopCNI()
-		if cni.confDir != "" {
-			uninstallCNI(cni, log)
+		// Stopped without a successor: when the agents are being uninstalled, new pods
+		// start outside the mesh from now on, and the capture goes once the connections
+		// held have drained.
+		if *capture && uninstalling(cni, uwatch, log) {
+			removeCapture = true
+			if cni.confDir != "" {
+				uninstallCNI(cni, log)
+			}
 		}
 	case <-handedOver:
 		log.Info("handover: a new agent took the listeners over; draining the connections held", "grace", drainGrace.String())
@@ -366,6 +390,14 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	graceCtx, cancelGrace := context.WithTimeout(context.Background(), *drainGrace)
 	defer cancelGrace()
 	a.Drain(graceCtx)
+	if removeCapture {
+		capt.(*bpf.Capture).Close()
+		if err := bpf.Uninstall(*pinDir); err != nil {
+			log.Error("uninstall: cannot remove the capture; run veil-agent uninstall on the node", "pin_dir", *pinDir, "err", err)
+		} else {
+			log.Info("uninstall: the capture is removed; this node's pods are outside the mesh", "pin_dir", *pinDir)
+		}
+	}
 	stopSource()
 	cancel()
 	return nil

@@ -142,6 +142,20 @@ func TestAgentFetchesCertificatesOfItsPods(t *testing.T) {
 	if _, body := get(addrs["metrics-addr"], "/metrics"); !strings.Contains(body, "go_goroutines") {
 		t.Fatalf("metrics endpoint: %q", body)
 	}
+	// The trust bundle: the root of --ca-root, also the CA's answer, and the certificate's.
+	root := identity.Fingerprint(ca.SigningRoot())
+	var bundles []identity.BundleState
+	_, body := get(addrs["admin-addr"], "/trust_bundle")
+	if json.Unmarshal([]byte(body), &bundles); len(bundles) != 1 || len(bundles[0].Roots) != 1 || bundles[0].Roots[0].SHA256 != root || len(bundles[0].Roots[0].Sources) != 2 {
+		t.Fatalf("/trust_bundle %s, want the CA's root from --ca-root and the CA's answer", body)
+	}
+	if states[0].RootSHA256 != root {
+		t.Fatalf("/certs names root %q, want %q", states[0].RootSHA256, root)
+	}
+	if _, body := get(addrs["metrics-addr"], "/metrics"); !strings.Contains(body, `veil_trust_bundle_root{sha256="`+root+`"`) ||
+		!strings.Contains(body, `veil_workload_certificates{root_sha256="`+root+`",trust_domain="cluster.local"} 1`) {
+		t.Fatalf("metrics lack the trust bundle and the certificate's root: %s", body)
+	}
 	cancel()
 	if err := <-agentDone; err != nil {
 		t.Fatalf("agent: %v", err)

@@ -3,7 +3,9 @@
 // (Istio's IstioCertificateService), and the config stream (api.ConfigService) that
 // sends the agents the workloads, services, namespaces and Istio policies read from a
 // directory of YAML, which it watches for changes. The CA's node placement follows the
-// same directory.
+// same directory. The CA's own files (--ca-dir, or --ca-secret) are read again every
+// --ca-check-interval: a root rotation (README "Rotating the root CA") happens while it
+// runs.
 package main
 
 import (
@@ -64,6 +66,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		ackTimeout  = fs.Duration("ack-timeout", controller.DefaultAckTimeout, "how long an agent has to answer a push (and to subscribe once connected); a stream not answered in time is ended, and the agent reconnects and resumes")
 		maxStreams  = fs.Int("max-streams-per-node", controller.DefaultMaxStreamsPerNode, "most config streams one node may hold open at once (at least 2: a restarting agent's old and new process overlap)")
 		logLevel    = fs.String("log-level", "info", "debug, info, warn or error")
+		caCheck     = fs.Duration("ca-check-interval", controller.DefaultCAReloadInterval, "how often the CA (--ca-dir's files, or --ca-secret) is read again: a change (a root rotation, README \"Rotating the root CA\") is taken while running when agents can follow it, refused and logged otherwise; 0 disables")
 		kubeconfig  = fs.String("kubeconfig", "", `read the cluster from a Kubernetes API server instead of --config-dir: a kubeconfig file, or "in-cluster" for the pod's service account`)
 		serverNames listFlag
 	)
@@ -124,8 +127,13 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return errors.New("--ca-secret and --root-configmap need --kubeconfig")
 	}
 	caOpts := identity.CAOptions{TrustDomain: td, MaxTTL: *maxTTL}
+	if *caCheck < 0 {
+		return fmt.Errorf("--ca-check-interval %v: must not be negative", *caCheck)
+	}
 	var ca *identity.CA
 	trustBundle := filepath.Join(*caDir, identity.RootCertFile)
+	readCA := func(context.Context) (map[string][]byte, error) { return identity.ReadCAFiles(*caDir) }
+	caWhere := "ca dir " + *caDir
 	if *caSecret != "" {
 		ns, name, ok := strings.Cut(*caSecret, "/")
 		if !ok || ns == "" || name == "" {
@@ -133,12 +141,15 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		}
 		ca, err = controller.LoadOrCreateCASecret(ctx, cs, ns, name, caOpts)
 		trustBundle = "Secret " + *caSecret
+		readCA, caWhere = controller.SecretCAFiles(cs, ns, name), "CA secret "+*caSecret
 	} else {
 		ca, err = identity.LoadOrCreateCA(*caDir, caOpts)
 	}
 	if err != nil {
 		return err
 	}
+	cas := controller.NewCAReloader(ca, readCA, caWhere, caOpts)
+	cas.Interval, cas.Log = *caCheck, log
 	if *rootCM != "" {
 		ns, name, ok := strings.Cut(*rootCM, "/")
 		if !ok || ns == "" || name == "" {
@@ -147,7 +158,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		if err := controller.PublishRoot(ctx, cs, ns, name, ca); err != nil {
 			return err
 		}
+		cas.Publish = func(ctx context.Context, ca *identity.CA) error { return controller.PublishRoot(ctx, cs, ns, name, ca) }
 	}
+	log.Info("ca: loaded", "from", caWhere, "signing", ca.SigningCertificate().Subject.String(),
+		"signing_root", identity.Fingerprint(ca.SigningRoot()), "roots", strings.Join(controller.RootFingerprints(ca), ","))
 	var auths controller.FirstOf
 	if *tokens != "" {
 		nt, err := controller.LoadNodeTokens(*tokens)
@@ -201,6 +215,13 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	caDone := make(chan struct{})
+	go func() {
+		defer close(caDone)
+		if *caCheck > 0 {
+			cas.Run(ctx)
+		}
+	}()
 	configDone := make(chan error, 1)
 	go func() {
 		err := config.Run(ctx)
@@ -210,9 +231,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		configDone <- err
 	}()
 	fmt.Fprintf(stdout, "veil-controller: CA on %s, trust bundle %s, config stream from %s\n", lis.Addr(), trustBundle, from)
-	srv := &controller.CAServer{CA: ca, Auth: auths, Workloads: placement, ServerNames: serverNames, Services: []interface{ Register(*grpc.Server) }{config}, Log: log}
+	srv := &controller.CAServer{CA: cas, Auth: auths, Workloads: placement, ServerNames: serverNames, Services: []interface{ Register(*grpc.Server) }{config}, Log: log}
 	err = srv.Serve(ctx, lis)
 	cancel()
+	<-caDone
 	return errors.Join(err, <-configDone)
 }
 
