@@ -17,6 +17,7 @@ import (
 	"github.com/veilmesh/veil/internal/cniwire"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 )
 
 // A pod the CNI plugin enrolled is captured from its first packet, before the
@@ -114,7 +115,13 @@ func (a *Agent) CNIDel(r *cniwire.Request) {
 	a.updateMu.Lock()
 	defer a.updateMu.Unlock()
 	for uid, p := range a.cniPods {
-		if uid == r.UID || (r.UID == "" && p.ContainerID == r.ContainerID) {
+		// The sandbox's own DEL: a late DEL of an earlier sandbox of the same pod (the
+		// kubelet's garbage collection) must not drop the running one's record.
+		mine := p.ContainerID == r.ContainerID
+		if r.ContainerID == "" {
+			mine = uid == r.UID
+		}
+		if mine {
 			delete(a.cniPods, uid)
 			a.removeCNIPod(uid)
 			a.log.Info("cni: pod's sandbox torn down", "pod", p.Namespace+"/"+p.Name, "uid", uid)
@@ -149,6 +156,11 @@ func (a *Agent) ServeCNI(l *net.UnixListener) {
 }
 
 func (a *Agent) serveCNI(c *net.UnixConn) {
+	if err := peerIsRoot(c); err != nil {
+		a.log.Warn("cni: request refused", "err", err)
+		cniwire.Reply(c, err)
+		return
+	}
 	deadline := time.Now().Add(30 * time.Second)
 	r, f, err := cniwire.Receive(c, deadline)
 	if err != nil {
@@ -173,6 +185,27 @@ func (a *Agent) serveCNI(c *net.UnixConn) {
 		a.log.Error("cni: pod NOT enrolled; its network set-up fails and the runtime retries", "pod", r.Namespace+"/"+r.Name, "err", err)
 	}
 	cniwire.Reply(c, err)
+}
+
+// peerIsRoot refuses a client that is not root: the socket's mode says so already, and
+// the peer's credentials make sure of it.
+func peerIsRoot(c *net.UnixConn) error {
+	raw, err := c.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var cred *unix.Ucred
+	var cerr error
+	if err := raw.Control(func(fd uintptr) { cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED) }); err != nil {
+		return err
+	}
+	if cerr != nil {
+		return fmt.Errorf("cni request: peer credentials: %w", cerr)
+	}
+	if cred.Uid != 0 {
+		return fmt.Errorf("cni request from uid %d (pid %d): only root may enroll pods", cred.Uid, cred.Pid)
+	}
+	return nil
 }
 
 // rebuild recomputes the view from the controller's last state and the CNI's pods.
@@ -200,9 +233,10 @@ func (a *Agent) gcCNIPods() {
 }
 
 // mergeCNI returns st with the CNI's pods merged in, and the pods whose enrollment the
-// CNI decided. A pod the controller already lists running, with addresses, is the
-// controller's; one it lists without addresses gets the CNI's; one it does not list (or
-// lists under an older UID) is the CNI's. Another pod of this node that still claims one
+// CNI decided. A pod the controller lists with the sandbox's addresses is the
+// controller's; one it lists without addresses, or with an earlier sandbox's, gets the
+// sandbox's; one it does not list is the CNI's. A pod of that name with another UID is
+// left as the controller has it (a record of a new pod cannot displace another). Another pod of this node that still claims one
 // of a CNI pod's addresses is dropped: the runtime just gave that address to the new
 // sandbox, so the old pod is gone.
 func mergeCNI(st *cluster.State, pods map[string]*cniPod, node string) (*cluster.State, map[podKey]bool) {
@@ -221,13 +255,16 @@ func mergeCNI(st *cluster.State, pods map[string]*cniPod, node string) (*cluster
 		cp := pods[uid]
 		k := cp.key()
 		i := slices.IndexFunc(out.Pods, func(p *cluster.Pod) bool { return p.Namespace == k.namespace && p.Name == k.name })
-		if i >= 0 && (out.Pods[i].UID == "" || out.Pods[i].UID == cp.UID) && len(out.Pods[i].IPs) > 0 {
-			continue
+		if i >= 0 && out.Pods[i].UID != "" && out.Pods[i].UID != cp.UID {
+			continue // another pod of that name: the controller's word stands until it says otherwise
+		}
+		if i >= 0 && len(out.Pods[i].IPs) > 0 && sameAddrs(out.Pods[i].IPs, cp.IPs) {
+			continue // the controller lists the pod running, with these addresses
 		}
 		p := &cluster.Pod{Namespace: cp.Namespace, Name: cp.Name, UID: cp.UID, ServiceAccount: cp.ServiceAccount,
 			Labels: cp.Labels, Source: "cni " + cp.ContainerID}
-		if i >= 0 && (out.Pods[i].UID == "" || out.Pods[i].UID == cp.UID) {
-			c := *out.Pods[i]
+		if i >= 0 {
+			c := *out.Pods[i] // the same pod, with the sandbox's addresses
 			p = &c
 		}
 		p.Node, p.IPs = node, cp.IPs

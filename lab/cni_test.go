@@ -58,7 +58,7 @@ func (l *Lab) newSandbox(t *testing.T, name, node, ip, hostDev string) *sandbox 
 // cni runs veil-cni on node as the container runtime does: in the node's namespace,
 // the command and the pod in the environment, the chained configuration with the
 // interface plugin's result on stdin.
-func (l *Lab) cni(command string, s *sandbox, pod *corev1.Pod, kubeconfig, socket string) (string, error) {
+func (l *Lab) cni(command string, s *sandbox, pod *corev1.Pod, kubeconfig, socket string, env ...string) (string, error) {
 	conf := fmt.Sprintf(`{"cniVersion":"1.0.0","name":"lab","type":%q,"agentSocket":%q,"kubeconfig":%q,"timeout":"20s",
 "prevResult":{"cniVersion":"1.0.0","interfaces":[{"name":"eth0","sandbox":%q}],"ips":[{"address":"%s/32","interface":0}]}}`,
 		cniconf.PluginType, socket, kubeconfig, "/var/run/netns/"+s.ns, s.ip)
@@ -66,6 +66,7 @@ func (l *Lab) cni(command string, s *sandbox, pod *corev1.Pod, kubeconfig, socke
 	cmd.Env = append(os.Environ(), "CNI_COMMAND="+command, "CNI_CONTAINERID=sandbox-"+string(pod.UID),
 		"CNI_NETNS=/var/run/netns/"+s.ns, "CNI_IFNAME=eth0", "CNI_PATH="+l.opts.BinDir,
 		fmt.Sprintf("CNI_ARGS=IgnoreUnknown=1;K8S_POD_NAMESPACE=%s;K8S_POD_NAME=%s;K8S_POD_UID=%s", pod.Namespace, pod.Name, pod.UID))
+	cmd.Env = append(cmd.Env, env...) // later entries win
 	cmd.Stdin = strings.NewReader(conf)
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
@@ -181,10 +182,22 @@ func TestCNIPlugin(t *testing.T) {
 		if err != nil || p.Status.PodIP != "" {
 			t.Fatalf("the pod's status: %v %q; want no address reported", err, p.Status.PodIP)
 		}
+		// A late DEL of an earlier sandbox of the same pod (the kubelet's garbage
+		// collection) leaves the running sandbox enrolled.
+		record := filepath.Join(l.path("run", "node-1", "cni-pods"), string(pod.UID)+".json")
+		if _, err := l.cni("DEL", s, pod, kubeconfig, socket, "CNI_CONTAINERID=an-earlier-sandbox"); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := os.Stat(record); err != nil {
+			t.Fatalf("a DEL of another sandbox dropped the running one's record: %v", err)
+		}
+		if got := l.Request(ctx, "legacy/sleep", "10.100.1.50:9080").Result; got != "reset" {
+			t.Fatalf("legacy/sleep -> new pod after another sandbox's DEL: %s, want reset", got)
+		}
 		if _, err := l.cni("DEL", s, pod, kubeconfig, socket); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := os.Stat(filepath.Join(l.path("run", "node-1", "cni-pods"), string(pod.UID)+".json")); !os.IsNotExist(err) {
+		if _, err := os.Stat(record); !os.IsNotExist(err) {
 			t.Fatalf("the agent still holds the pod's record after DEL: %v", err)
 		}
 	})

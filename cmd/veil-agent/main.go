@@ -382,7 +382,12 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	ready.Store(false)
 	a.StopCapture()
-	lock.Release()
+	// The lock goes to a successor now, unless this agent removes the capture: then it
+	// holds it until the capture is gone, so an agent starting meanwhile (a reinstall)
+	// waits and loads a fresh one instead of adopting pins about to be deleted.
+	if !removeCapture {
+		lock.Release()
+	}
 	offer.Close()
 	for _, l := range httpListeners {
 		l.Close()

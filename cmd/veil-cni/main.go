@@ -48,13 +48,14 @@ type Conf struct {
 // k8sArgs are what the kubelet passes in CNI_ARGS.
 type k8sArgs struct {
 	types.CommonArgs
-	K8S_POD_NAMESPACE types.UnmarshallableString //nolint:revive // CNI_ARGS names
+	K8S_POD_NAMESPACE types.UnmarshallableString // the names CNI_ARGS uses
 	K8S_POD_NAME      types.UnmarshallableString
 	K8S_POD_UID       types.UnmarshallableString
 }
 
 func main() {
-	skel.PluginMainFuncs(skel.CNIFuncs{Add: cmdAdd, Del: cmdDel, Check: cmdCheck}, version.All,
+	// 0.3.0 and later: a chained plugin needs prevResult.
+	skel.PluginMainFuncs(skel.CNIFuncs{Add: cmdAdd, Del: cmdDel, Check: cmdCheck}, version.PluginSupports("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"),
 		"veil-cni: enrolls mesh pods into the veil agent's capture before their network comes up")
 }
 
@@ -137,7 +138,8 @@ func meshRequest(ctx context.Context, c *Conf, ns, name, uid string) (*cniwire.R
 	if err != nil {
 		return nil, fmt.Errorf("veil-cni: pod %s/%s: %w", ns, name, err)
 	}
-	if uid != "" && string(pod.UID) != uid {
+	// A static pod's sandbox carries the kubelet's own UID; its mirror pod names it.
+	if uid != "" && string(pod.UID) != uid && pod.Annotations["kubernetes.io/config.mirror"] != uid {
 		return nil, fmt.Errorf("veil-cni: pod %s/%s: the API server has uid %s, the runtime %s", ns, name, pod.UID, uid)
 	}
 	nsObj, err := client.CoreV1().Namespaces().Get(ctx, ns, metav1.GetOptions{})
