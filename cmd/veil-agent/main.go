@@ -251,12 +251,12 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	defer a.Close()
 	// From here new pods can be enrolled before their network comes up.
+	var cniListener *net.UnixListener
 	if cni.socket != "" {
-		l, err := serveCNISocket(a, cni.socket)
-		if err != nil {
+		if cniListener, err = serveCNISocket(a, cni.socket); err != nil {
 			return err
 		}
-		defer l.Close()
+		defer cniListener.Close()
 		log.Info("cni: serving veil-cni", "socket", cni.socket)
 	}
 	cniCtx, stopCNI := context.WithCancel(ctx)
@@ -381,6 +381,11 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		stopCNI()
 	}
 	ready.Store(false)
+	// No more CNI requests: a successor serves them, or nobody (the plugin fails and
+	// the runtime retries). Closed before the drain, which waits for the agent's work.
+	if cniListener != nil {
+		cniListener.Close()
+	}
 	a.StopCapture()
 	// The lock goes to a successor now, unless this agent removes the capture: then it
 	// holds it until the capture is gone, so an agent starting meanwhile (a reinstall)
