@@ -14,6 +14,7 @@ import (
 	"github.com/veilmesh/veil/agent"
 	"github.com/veilmesh/veil/internal/cniconf"
 	"github.com/veilmesh/veil/internal/removal"
+	"golang.org/x/sys/unix"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 )
@@ -115,6 +116,12 @@ func installCNI(ctx context.Context, o cniOptions, log *slog.Logger) error {
 		}
 	}
 	ensure()
+	// A change in the directory (the primary CNI rewriting its file) puts the entry back
+	// at once; the ticker is the fallback, and refreshes the kubeconfig.
+	changes, err := watchDir(ctx, o.confDir)
+	if err != nil {
+		log.Warn("cni: cannot watch the CNI configuration directory; checking it every 5 s", "dir", o.confDir, "err", err)
+	}
 	go func() {
 		t := time.NewTicker(5 * time.Second)
 		defer t.Stop()
@@ -123,11 +130,41 @@ func installCNI(ctx context.Context, o cniOptions, log *slog.Logger) error {
 			case <-ctx.Done():
 				return
 			case <-t.C:
-				ensure()
+			case <-changes:
 			}
+			ensure()
 		}
 	}()
 	return nil
+}
+
+// watchDir sends on the returned channel (coalesced) whenever a file of dir is written,
+// created, renamed or removed, until ctx ends.
+func watchDir(ctx context.Context, dir string) (<-chan struct{}, error) {
+	fd, err := unix.InotifyInit1(unix.IN_CLOEXEC | unix.IN_NONBLOCK) // non-blocking: the runtime poller reads it, and Close ends the read
+	if err != nil {
+		return nil, err
+	}
+	if _, err := unix.InotifyAddWatch(fd, dir, unix.IN_CLOSE_WRITE|unix.IN_CREATE|unix.IN_MOVED_TO|unix.IN_MOVED_FROM|unix.IN_DELETE); err != nil {
+		unix.Close(fd)
+		return nil, err
+	}
+	f := os.NewFile(uintptr(fd), "inotify")
+	ch := make(chan struct{}, 1)
+	go func() { <-ctx.Done(); f.Close() }()
+	go func() {
+		buf := make([]byte, 64<<10)
+		for {
+			if _, err := f.Read(buf); err != nil {
+				return
+			}
+			select {
+			case ch <- struct{}{}:
+			default:
+			}
+		}
+	}()
+	return ch, nil
 }
 
 // watchUninstall starts following the agents' DaemonSet in this pod's namespace.

@@ -195,3 +195,39 @@ func TestAgentRefusesANodeWithZtunnel(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// The agent keeps veil-cni chained: when the primary CNI rewrites its configuration, the
+// entry is back well before the 5 s fallback check (the directory is watched).
+func TestInstallCNIPutsTheEntryBack(t *testing.T) {
+	dir := t.TempDir()
+	conf := filepath.Join(dir, "10-kindnet.conflist")
+	orig := `{"cniVersion":"1.0.0","name":"kindnet","plugins":[{"type":"ptp"}]}`
+	if err := os.WriteFile(conf, []byte(orig), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	o := cniOptions{socket: "/var/run/veil/cni.sock", confDir: dir, hostConfDir: "/etc/cni/net.d", kubeconfig: "/etc/cni/net.d/veil-cni.kubeconfig"}
+	if err := installCNI(ctx, o, slog.New(slog.DiscardHandler)); err != nil {
+		t.Fatal(err)
+	}
+	chained := func() bool {
+		b, _ := os.ReadFile(conf)
+		return strings.Contains(string(b), `"veil-cni"`)
+	}
+	if !chained() {
+		t.Fatal("veil-cni not chained at start")
+	}
+	for i := range 3 {
+		if err := os.WriteFile(conf, []byte(orig), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		start := time.Now()
+		for !chained() {
+			if time.Since(start) > 2*time.Second {
+				t.Fatalf("rewrite %d: veil-cni not chained again within 2 s", i)
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+}
