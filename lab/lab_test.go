@@ -327,30 +327,8 @@ func (l *Lab) mustTarget(t *testing.T, to string) string {
 func TestRollingAgentRestarts(t *testing.T) {
 	l := upLab(t)
 	ctx := context.Background()
-	var total, failed atomic.Int64
-	var first atomic.Value
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	for _, p := range []struct{ from, to string }{{"bookinfo/frontend", "reviews:9080"}, {"bookinfo/reviews", "productpage:9080"}} {
-		target := l.mustTarget(t, p.to)
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				got := l.Request(ctx, p.from, target)
-				total.Add(1)
-				if got.Result != "200" {
-					failed.Add(1)
-					first.CompareAndSwap(nil, fmt.Sprintf("%s -> %s: %s %q", p.from, p.to, got.Result, got.Body))
-				}
-			}
-		}()
-	}
+	traffic := crossTraffic(t, l, [][2]string{{"bookinfo/frontend", "reviews:9080"}, {"bookinfo/reviews", "productpage:9080"}})
+	defer traffic.stop()
 	for round := 0; round < 2; round++ {
 		for _, node := range []string{"node-1", "node-2"} {
 			held, err := l.DialFrom(ctx, "bookinfo/frontend", l.mustTarget(t, "reviews:9080"))
@@ -391,12 +369,55 @@ func TestRollingAgentRestarts(t *testing.T) {
 			}
 		}
 	}
-	close(stop)
-	wg.Wait()
-	if n := failed.Load(); n != 0 {
-		t.Fatalf("%d of %d connections failed across 4 agent restarts; first: %v", n, total.Load(), first.Load())
+	traffic.stop()
+	if n := traffic.failed.Load(); n != 0 {
+		t.Fatalf("%d of %d connections failed across 4 agent restarts; first: %v", n, traffic.total.Load(), traffic.first.Load())
 	}
-	t.Logf("%d connections across 4 rolling agent restarts, none failed", total.Load())
+	t.Logf("%d connections across 4 rolling agent restarts, none failed", traffic.total.Load())
+}
+
+// traffic is a stream of requests, each pair's after the other, counted until stop.
+type traffic struct {
+	total, failed atomic.Int64
+	first         atomic.Value // the first failure, described
+	done          chan struct{}
+	once          sync.Once
+	wg            sync.WaitGroup
+}
+
+// crossTraffic sends requests from each pair's pod to its target ("pod:port"), one after
+// another per pair, until stop.
+func crossTraffic(t *testing.T, l *Lab, pairs [][2]string) *traffic {
+	t.Helper()
+	tr := &traffic{done: make(chan struct{})}
+	for _, p := range pairs {
+		from, to := p[0], p[1]
+		target := l.mustTarget(t, to)
+		tr.wg.Add(1)
+		go func() {
+			defer tr.wg.Done()
+			for {
+				select {
+				case <-tr.done:
+					return
+				default:
+				}
+				got := l.Request(context.Background(), from, target)
+				tr.total.Add(1)
+				if got.Result != "200" {
+					tr.failed.Add(1)
+					tr.first.CompareAndSwap(nil, fmt.Sprintf("%s: %s -> %s: %s %q", time.Now().Format(time.TimeOnly), from, to, got.Result, got.Body))
+				}
+			}
+		}()
+	}
+	return tr
+}
+
+// stop ends the requests and waits for them; it may be called again.
+func (tr *traffic) stop() {
+	tr.once.Do(func() { close(tr.done) })
+	tr.wg.Wait()
 }
 
 // sniffFabric counts the frames crossing the lab's fabric (every port of its bridge)

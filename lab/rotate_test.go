@@ -12,8 +12,6 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -93,41 +91,10 @@ func TestRootRotation(t *testing.T) {
 	}
 
 	// Requests across the nodes, both ways, until the end.
-	var total, failed atomic.Int64
-	var first atomic.Value
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	for _, p := range []struct{ from, to string }{{"bookinfo/productpage", "reviews:9080"}, {"bookinfo/reviews", "productpage:9080"}} {
-		target := l.mustTarget(t, p.to)
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				got := l.Request(ctx, p.from, target)
-				total.Add(1)
-				if got.Result != "200" {
-					failed.Add(1)
-					first.CompareAndSwap(nil, fmt.Sprintf("%s: %s -> %s: %s %q", time.Now().Format(time.TimeOnly), p.from, p.to, got.Result, got.Body))
-				}
-			}
-		}()
-	}
-	stopTraffic := func() {
-		select {
-		case <-stop:
-		default:
-			close(stop)
-		}
-		wg.Wait()
-	}
-	defer stopTraffic()
+	traffic := crossTraffic(t, l, [][2]string{{"bookinfo/productpage", "reviews:9080"}, {"bookinfo/reviews", "productpage:9080"}})
+	defer traffic.stop()
 	phase := func(name string) {
-		t.Logf("%6.1fs %s (%d requests, %d failed)", time.Since(start).Seconds(), name, total.Load(), failed.Load())
+		t.Logf("%6.1fs %s (%d requests, %d failed)", time.Since(start).Seconds(), name, traffic.total.Load(), traffic.failed.Load())
 	}
 
 	reviews, productpage := spiffeid.RequireFromString("spiffe://cluster.local/ns/bookinfo/sa/reviews"), spiffeid.RequireFromString("spiffe://cluster.local/ns/bookinfo/sa/productpage")
@@ -219,15 +186,15 @@ func TestRootRotation(t *testing.T) {
 		t.Error("no tunnel connection between the nodes after step 3")
 	}
 	t.Logf("tunnel connections: %d before step 2, %d after step 3, none in common", len(before), len(after))
-	stopTraffic()
+	traffic.stop()
 	phase("done")
-	if n := failed.Load(); n != 0 {
-		t.Fatalf("%d of %d requests failed during the rotation; first: %v", n, total.Load(), first.Load())
+	if n := traffic.failed.Load(); n != 0 {
+		t.Fatalf("%d of %d requests failed during the rotation; first: %v", n, traffic.total.Load(), traffic.first.Load())
 	}
-	if total.Load() < 100 {
-		t.Fatalf("only %d requests in %v", total.Load(), time.Since(start))
+	if traffic.total.Load() < 100 {
+		t.Fatalf("only %d requests in %v", traffic.total.Load(), time.Since(start))
 	}
-	t.Logf("%d requests across the nodes during a root rotation, none failed", total.Load())
+	t.Logf("%d requests across the nodes during a root rotation, none failed", traffic.total.Load())
 }
 
 // restartControllerWith starts the controller again with its flags and extra (later
