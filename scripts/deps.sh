@@ -30,6 +30,8 @@ test=(
 	"curl curl curl curl"
 	# The controller's Kubernetes tests run a real API server on etcd.
 	"etcd etcd-server etcd etcd"
+	# TestCASecretRotation runs the README's root rotation commands, which use openssl.
+	"openssl openssl openssl openssl"
 )
 bench=(
 	"${demo[@]}"
