@@ -254,13 +254,8 @@ func TestResilience(t *testing.T) {
 			t.Fatal(err)
 		}
 		// Back with the CA, the restarted agent gets its certificates and serves mTLS.
-		deadline := time.Now().Add(20 * time.Second)
-		for l.Request(ctx, "bookinfo/productpage", l.mustTarget(t, "reviews:9080")).Result != "200" {
-			if time.Now().After(deadline) {
-				t.Fatal("mTLS to the restarted agent never recovered after the controller came back")
-			}
-			time.Sleep(200 * time.Millisecond)
-		}
+		l.eventually(t, "bookinfo/productpage", "reviews:9080", "200", 20*time.Second, 200*time.Millisecond,
+			"mTLS to the restarted agent never recovered after the controller came back")
 	})
 
 	step("agent killed: no plaintext leak; restarted: capture resumes", func(t *testing.T) {
@@ -305,6 +300,18 @@ func (l *Lab) applyStrict(t *testing.T) {
 	}
 	if err := l.WaitObjects(context.Background(), []string{"PeerAuthentication bookinfo/default"}, nil); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// eventually repeats a request from a pod to a target every interval until it gets want,
+// and fails the test with why after limit.
+func (l *Lab) eventually(t *testing.T, from, to, want string, limit, interval time.Duration, why string) {
+	t.Helper()
+	target := l.mustTarget(t, to)
+	for deadline := time.Now().Add(limit); l.Request(context.Background(), from, target).Result != want; time.Sleep(interval) {
+		if time.Now().After(deadline) {
+			t.Fatal(why)
+		}
 	}
 }
 
@@ -890,7 +897,6 @@ func TestVersionSkew(t *testing.T) {
 
 func versionSkew(t *testing.T, l *Lab) {
 	old := buildRelease(t, previousRelease)
-	ctx := context.Background()
 	if err := l.StopAgent("node-2"); err != nil {
 		t.Fatal(err)
 	}
@@ -903,13 +909,8 @@ func versionSkew(t *testing.T, l *Lab) {
 		"--uplink", "eth0", "--pin-dir", l.path("bpffs", node)); err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(30 * time.Second)
-	for l.Request(ctx, "bookinfo/frontend", l.mustTarget(t, "reviews:9080")).Result != "200" {
-		if time.Now().After(deadline) {
-			t.Fatal("this release's agent never reached the previous release's over mTLS")
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
+	l.eventually(t, "bookinfo/frontend", "reviews:9080", "200", 30*time.Second, 200*time.Millisecond,
+		"this release's agent never reached the previous release's over mTLS")
 	l.want(t, "bookinfo/reviews", "productpage:9080", "200")
 	l.want(t, "legacy/sleep", "reviews:9080", "200")
 	strict, err := demoPolicies.ReadFile("demo/peer-auth-namespace-strict.yaml")
@@ -919,13 +920,8 @@ func versionSkew(t *testing.T, l *Lab) {
 	if err := l.Apply("strict.yaml", strict); err != nil {
 		t.Fatal(err)
 	}
-	deadline = time.Now().Add(10 * time.Second)
-	for l.Request(ctx, "legacy/sleep", l.mustTarget(t, "reviews:9080")).Result != "reset" {
-		if time.Now().After(deadline) {
-			t.Fatal("the previous release's agent never enforced STRICT from this release's controller")
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	l.eventually(t, "legacy/sleep", "reviews:9080", "reset", 10*time.Second, 100*time.Millisecond,
+		"the previous release's agent never enforced STRICT from this release's controller")
 	l.want(t, "bookinfo/frontend", "reviews:9080", "200")
 	b, err := os.ReadFile(l.path("logs", "agent-node-2.log"))
 	if err != nil {
