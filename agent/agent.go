@@ -84,6 +84,7 @@ type Agent struct {
 	view    atomic.Pointer[view]
 	store   policy.Store
 	pool    *tunnel.Pool
+	wpNext  atomic.Uint32 // round robin over waypoint pods
 	hbone   *tunnel.Server
 	tracker tracker
 	metrics *metrics
@@ -293,7 +294,8 @@ func (a *Agent) Policies() *policy.Snapshot { return a.store.Snapshot() }
 
 // recheck closes open inbound connections the current policy denies.
 func (a *Agent) recheck() {
-	denied, why := a.tracker.recheck(a.store.Snapshot())
+	v, snap := a.view.Load(), a.store.Snapshot()
+	denied, why := a.tracker.recheck(func(c *policy.Conn) policy.Decision { return a.decide(v, snap, c) })
 	for i, tr := range denied {
 		a.log.Info("connection closed: policy now denies it", "conn", tr.desc, "decision", why[i].String())
 		tr.close()

@@ -29,7 +29,7 @@ func flagFor(err error) string {
 // policy changes. remove untracks it; the caller calls it when the connection ends.
 func (a *Agent) admit(ctx context.Context, f flow, peer policy.Peer, dst *workload, src, target netip.AddrPort) (up net.Conn, remove func(), err error) {
 	pc := policy.Conn{Peer: peer, SrcIP: src.Addr(), DstIP: target.Addr(), DstPort: target.Port()}
-	d := a.store.Snapshot().EvaluateL4(&pc)
+	d := a.decide(a.view.Load(), a.store.Snapshot(), &pc)
 	if !d.Allowed() {
 		pol := ""
 		if d.Policy != nil {
@@ -49,7 +49,7 @@ func (a *Agent) admit(ctx context.Context, f flow, peer policy.Peer, dst *worklo
 	remove = a.tracker.add(&tracked{conn: pc, desc: src.String() + "->" + target.String() + " (" + dst.String() + ")", close: func() { up.Close() }})
 	// A policy change during the dial found nothing to re-check: decide again now that the
 	// connection is tracked.
-	if d := a.store.Snapshot().EvaluateL4(&pc); !d.Allowed() {
+	if d := a.decide(a.view.Load(), a.store.Snapshot(), &pc); !d.Allowed() {
 		remove()
 		up.Close()
 		a.denyLog("connection denied", "src", src.String(), "src_principal", peer.URI, "dst", target.String(), "dst_workload", dst.String(), "decision", d.String())
@@ -57,6 +57,33 @@ func (a *Agent) admit(ctx context.Context, f flow, peer policy.Peer, dst *worklo
 		return nil, nil, fmt.Errorf("%w: %s", errDenied, d.String())
 	}
 	return up, remove, nil
+}
+
+// decide is the L4 decision for an inbound connection to a local workload, with veil's
+// policy placement (policy.PlacementVeil): a connection whose proven peer is a waypoint
+// serving the destination was judged there against the destination's own policies, for
+// the real client, so they are not applied again to the waypoint's identity; an in-mesh
+// connection to a workload bound to a waypoint that did not come through one serving it
+// is refused, unless the mesh allows the bypass. Everything else, and everything under
+// policy.PlacementIstio, is the policy engine's L4 decision (ztunnel's).
+func (a *Agent) decide(v *view, snap *policy.Snapshot, c *policy.Conn) policy.Decision {
+	if c.Peer.URI == "" || a.opts.Policy.Istio() || v == nil {
+		return snap.EvaluateL4(c)
+	}
+	dst := v.byIP[c.DstIP.Unmap()]
+	if dst == nil {
+		return snap.EvaluateL4(c)
+	}
+	if src := v.byIP[c.SrcIP.Unmap()]; src != nil && src.isWaypoint && src.id.String() == c.Peer.URI && dst.servedBy[src.id] {
+		if snap.WorkloadByIP(c.DstIP) == nil {
+			return policy.Decision{Reason: policy.ReasonUnknownWorkload}
+		}
+		return policy.Decision{Reason: policy.ReasonViaWaypoint}
+	}
+	if dst.waypoint != nil && !a.opts.Policy.AllowWaypointBypass {
+		return policy.Decision{Reason: policy.ReasonWaypointBypass}
+	}
+	return snap.EvaluateL4(c)
 }
 
 // inbound is the state of an HBONE stream between Connect and Done.

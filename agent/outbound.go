@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"net/netip"
 
+	"github.com/veilmesh/veil/internal/cluster"
 	"github.com/veilmesh/veil/tunnel"
 )
 
@@ -29,6 +30,12 @@ func (a *Agent) Outbound(ctx context.Context, c net.Conn, orig netip.AddrPort) {
 	}
 	target := orig
 	if svc := v.vips[orig.Addr()]; svc != nil {
+		// Traffic addressed to a Service goes through the Service's waypoint, never the
+		// pod's (ISTIO-SEMANTICS §7).
+		if svc.waypoint != nil || svc.waypointErr != nil {
+			a.viaWaypoint(ctx, c, src, svc.waypoint, svc.waypointErr, srcAddr, orig, svc.svc.Name+"."+svc.svc.Namespace+".svc.cluster.local")
+			return
+		}
 		ep, ok := svc.pick(orig)
 		if !ok {
 			a.log.Info("outbound: refused: service has no ready endpoint for the port", "src", srcAddr.String(), "service", svc.svc.Namespace+"/"+svc.svc.Name, "dst", orig.String())
@@ -39,6 +46,10 @@ func (a *Agent) Outbound(ctx context.Context, c net.Conn, orig netip.AddrPort) {
 		target = ep
 	}
 	dst := v.byIP[target.Addr()]
+	if dst != nil && target == orig && dst.enrolled && (dst.waypoint != nil || dst.waypointErr != nil) {
+		a.viaWaypoint(ctx, c, src, dst.waypoint, dst.waypointErr, srcAddr, orig, "")
+		return
+	}
 	switch {
 	case dst != nil && dst.enrolled && dst.local:
 		a.sameNode(ctx, c, src, dst, srcAddr, target)
@@ -86,6 +97,53 @@ func (s *service) pick(vip netip.AddrPort) (netip.AddrPort, bool) {
 		}
 	}
 	return netip.AddrPort{}, false
+}
+
+// viaWaypoint carries a connection to the waypoint wp bound to its destination: HBONE to
+// one of the waypoint's pods, with the source pod's certificate, the destination as
+// dialled for :authority, and the waypoint's identity expected. A binding that cannot be
+// used (err) fails the connection rather than skip the waypoint.
+func (a *Agent) viaWaypoint(ctx context.Context, c net.Conn, src *workload, wp *cluster.Waypoint, err error, srcAddr, orig netip.AddrPort, host string) {
+	v := a.view.Load()
+	if err != nil {
+		a.log.Info("outbound: refused: the destination's waypoint cannot be used", "src", srcAddr.String(), "src_workload", src.String(), "dst", orig.String(), "err", err)
+		a.metrics.fail(newFlow("source", src, nil, src.id.String(), "", false), flagNoRoute)
+		reset(c)
+		return
+	}
+	var pod *workload
+	for i := range len(wp.Pods) {
+		p := wp.Pods[(int(a.wpNext.Add(1))+i)%len(wp.Pods)]
+		if w := v.byIP[p.IPs[0]]; w != nil && w.isWaypoint {
+			pod = w
+			break
+		}
+	}
+	if pod == nil {
+		a.log.Info("outbound: refused: the destination's waypoint has no usable pod", "src", srcAddr.String(), "dst", orig.String(), "waypoint", wp.String())
+		a.metrics.fail(newFlow("source", src, nil, src.id.String(), "", false), flagNoRoute)
+		reset(c)
+		return
+	}
+	f := newFlow("source", src, pod, src.id.String(), pod.id.String(), true)
+	addr := pod.pod.IPs[0]
+	for _, ip := range pod.pod.IPs {
+		if ip.Is4() == orig.Addr().Is4() {
+			addr = ip
+			break
+		}
+	}
+	key := tunnel.Key{Src: src.id, Dst: pod.id, Addr: netip.AddrPortFrom(addr, a.opts.HBONEPort)}
+	s, err := a.pool.Open(ctx, key, tunnel.Target{Authority: orig, Source: srcAddr, Host: host})
+	if err != nil {
+		a.log.Warn("outbound: HBONE connect to the waypoint failed", "src", srcAddr.String(), "dst", orig.String(), "waypoint", wp.String(), "err", err)
+		a.metrics.fail(f, flagUnreachable)
+		reset(c)
+		return
+	}
+	a.metrics.open(f)
+	counts := a.join(ctx, c, s)
+	a.metrics.close(f, counts.AToB, counts.BToA)
 }
 
 func (a *Agent) viaHBONE(ctx context.Context, c net.Conn, src, dst *workload, srcAddr, target netip.AddrPort) {

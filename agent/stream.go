@@ -32,6 +32,11 @@ import (
 // Call LoadCache (optional) before Run, and Run once. Version is safe for concurrent use.
 type ControllerSource struct {
 	Agent *Agent
+	// Sink, when Agent is nil, is what the config feeds instead (a waypoint), with Node
+	// the node it subscribes as and Policy the options its policies validate with.
+	Sink   ConfigSink
+	Node   string
+	Policy policy.Options
 	// Conn reaches the controller as this node: TLS and the node's bootstrap token
 	// (identity.DialCA; the config stream is served beside the CA).
 	Conn grpc.ClientConnInterface
@@ -95,9 +100,39 @@ func (s *ControllerSource) current() *heldConfig {
 	return s.held
 }
 
+// A ConfigSink applies the config a ControllerSource receives: the agent, or a waypoint.
+type ConfigSink interface {
+	ApplyPolicies(objs []*policy.Object, deleted []policy.Key) error
+	Update(st *cluster.State)
+}
+
+func (s *ControllerSource) sink() ConfigSink {
+	if s.Agent != nil {
+		return s.Agent
+	}
+	return s.Sink
+}
+
+func (s *ControllerSource) node() string {
+	if s.Agent != nil {
+		return s.Agent.opts.Node
+	}
+	return s.Node
+}
+
+func (s *ControllerSource) policyOptions() policy.Options {
+	if s.Agent != nil {
+		return s.Agent.opts.Policy
+	}
+	return s.Policy
+}
+
 func (s *ControllerSource) log() *slog.Logger {
 	if s.Log != nil {
 		return s.Log
+	}
+	if s.Agent == nil {
+		return slog.Default()
 	}
 	return s.Agent.log
 }
@@ -105,8 +140,8 @@ func (s *ControllerSource) log() *slog.Logger {
 // Run applies the cache, then subscribes, applies pushes and reconnects until ctx ends.
 // It blocks, and returns nil when ctx ends, or an error at once when s is misconfigured.
 func (s *ControllerSource) Run(ctx context.Context) error {
-	if s.Agent == nil || s.Conn == nil {
-		return errors.New("agent: ControllerSource: Agent and Conn are required")
+	if s.sink() == nil || s.Conn == nil {
+		return errors.New("agent: ControllerSource: Agent (or Sink) and Conn are required")
 	}
 	log := s.log()
 	minB, maxB := s.MinBackoff, s.MaxBackoff
@@ -154,7 +189,7 @@ func (s *ControllerSource) LoadCache() error {
 	s.mu.Lock()
 	s.cacheRead = true
 	s.mu.Unlock()
-	if s.CacheFile == "" || s.Agent == nil {
+	if s.CacheFile == "" || s.sink() == nil {
 		return nil
 	}
 	log := s.log()
@@ -184,7 +219,7 @@ func (s *ControllerSource) session(ctx context.Context, client api.ConfigService
 		return false, err
 	}
 	epoch, version := s.Version()
-	sub := &api.Subscribe{Node: s.Agent.opts.Node, Epoch: epoch, Version: version, Kinds: api.Kinds()}
+	sub := &api.Subscribe{Node: s.node(), Epoch: epoch, Version: version, Kinds: api.Kinds()}
 	if err := stream.Send(&api.AgentMessage{Message: &api.AgentMessage_Subscribe{Subscribe: sub}}); err != nil {
 		return false, recvErr(stream, err)
 	}
@@ -233,7 +268,7 @@ var errOlder = errors.New("config older than the one held")
 // the agent, makes it the config held, and (when cache) writes the cache.
 func (s *ControllerSource) apply(p *api.Push, cache bool) error {
 	cur := s.current()
-	next, ch, err := nextConfig(cur, p, s.Agent.opts.Policy)
+	next, ch, err := nextConfig(cur, p, s.policyOptions())
 	if err != nil {
 		return err
 	}
@@ -241,19 +276,19 @@ func (s *ControllerSource) apply(p *api.Push, cache bool) error {
 		// Validated above with the same options, so this should not fail; if it does, the
 		// objects it names keep their last good version in the store, and the push is
 		// NACKed rather than acknowledged as held.
-		if err := s.Agent.ApplyPolicies(ch.objs, ch.deleted); err != nil {
+		if err := s.sink().ApplyPolicies(ch.objs, ch.deleted); err != nil {
 			s.log().Error("config stream: policy store rejected a validated policy", "version", p.GetVersion(), "err", err)
 			return err
 		}
 	}
-	if cache && !s.Agent.live.Load() {
+	if cache && s.Agent != nil && !s.Agent.live.Load() {
 		// The first config from the controller itself: evidence newer than whatever a
 		// previous agent enrolled, so the capture may now reconcile the pinned map.
 		s.Agent.live.Store(true)
 		ch.cluster = true
 	}
 	if ch.cluster {
-		s.Agent.Update(next.state())
+		s.sink().Update(next.state())
 	}
 	s.mu.Lock()
 	s.held = next

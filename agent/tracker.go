@@ -35,13 +35,13 @@ func (t *tracker) add(tr *tracked) (remove func()) {
 	}
 }
 
-// recheck re-decides every open connection on snap and returns those now denied, with
+// recheck re-decides every open connection with decide and returns those now denied, with
 // the decisions; the caller closes them.
-func (t *tracker) recheck(snap *policy.Snapshot) (denied []*tracked, why []policy.Decision) {
+func (t *tracker) recheck(decide func(*policy.Conn) policy.Decision) (denied []*tracked, why []policy.Decision) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	for tr := range t.m {
-		if d := snap.EvaluateL4(&tr.conn); !d.Allowed() {
+		if d := decide(&tr.conn); !d.Allowed() {
 			denied = append(denied, tr)
 			why = append(why, d)
 		}

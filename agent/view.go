@@ -16,6 +16,15 @@ type workload struct {
 	id       spiffeid.ID
 	enrolled bool
 	local    bool // scheduled on this node
+	// waypoint is the waypoint that traffic addressed to the pod goes through, or
+	// waypointErr why its binding cannot be used (connections to it then fail).
+	waypoint    *cluster.Waypoint
+	waypointErr error
+	// isWaypoint marks a waypoint's pod.
+	isWaypoint bool
+	// servedBy are the identities of the waypoints that may carry traffic to the pod:
+	// its own and its Services'.
+	servedBy map[spiffeid.ID]bool
 }
 
 func (w *workload) String() string { return w.pod.Namespace + "/" + w.pod.Name }
@@ -27,6 +36,10 @@ type service struct {
 	endpoints []*workload
 	slices    []cluster.SliceEndpoint
 	next      atomic.Uint32 // round robin over endpoints
+	// waypoint is the waypoint that traffic to the Service's addresses goes through, or
+	// waypointErr why its binding cannot be used (connections to it then fail).
+	waypoint    *cluster.Waypoint
+	waypointErr error
 }
 
 // view is the agent's immutable picture of the cluster, swapped whole on every change.
@@ -56,6 +69,7 @@ func newView(st *cluster.State, node string, td spiffeid.TrustDomain, cniEnrolle
 	v := &view{state: st, byIP: map[netip.Addr]*workload{}, vips: map[netip.Addr]*service{},
 		nodeIDs: map[netip.Addr]map[spiffeid.ID]bool{}, startingIDs: map[netip.Addr]map[spiffeid.ID]bool{}}
 	conflicts := map[netip.Addr]bool{}
+	bind := st.Bindings()
 	// A node's addresses, from any of its pods that reports them: a pod that has just
 	// started (no address yet, or no status at all) still counts for its node.
 	nodeAddrs := map[string][]netip.Addr{}
@@ -89,7 +103,10 @@ func newView(st *cluster.State, node string, td spiffeid.TrustDomain, cniEnrolle
 		if len(p.IPs) == 0 {
 			continue
 		}
-		w := &workload{pod: p, id: id, enrolled: st.Enrolled(p) || cniEnrolled[podKey{p.Namespace, p.Name}], local: p.Node == node}
+		w := &workload{pod: p, id: id, enrolled: st.Enrolled(p) || cniEnrolled[podKey{p.Namespace, p.Name}], local: p.Node == node,
+			isWaypoint: st.IsWaypointPod(p)}
+		w.waypoint, w.waypointErr = bind.PodWaypoint(p)
+		w.servedBy = waypointIDs(td, w.servedBy, w.waypoint)
 		for _, ip := range p.IPs {
 			if other := v.byIP[ip]; other != nil && other != w {
 				conflicts[ip] = true
@@ -111,6 +128,12 @@ func newView(st *cluster.State, node string, td spiffeid.TrustDomain, cniEnrolle
 	}
 	for _, s := range st.Services {
 		sv := &service{svc: s}
+		sv.waypoint, sv.waypointErr = bind.ServiceWaypoint(s)
+		if sv.waypoint != nil {
+			for _, ep := range sv.endpoints {
+				ep.servedBy = waypointIDs(td, ep.servedBy, sv.waypoint)
+			}
+		}
 		for _, p := range st.Endpoints(s) {
 			if w := v.byIP[p.IPs[0]]; w != nil {
 				sv.endpoints = append(sv.endpoints, w)
@@ -124,6 +147,22 @@ func newView(st *cluster.State, node string, td spiffeid.TrustDomain, cniEnrolle
 		}
 	}
 	return v
+}
+
+// waypointIDs adds the identities of wp's pods to ids (allocated when nil) and returns it.
+func waypointIDs(td spiffeid.TrustDomain, ids map[spiffeid.ID]bool, wp *cluster.Waypoint) map[spiffeid.ID]bool {
+	if wp == nil {
+		return ids
+	}
+	for _, p := range wp.Pods {
+		if id, err := identity.NewID(td, p.Namespace, p.ServiceAccount); err == nil {
+			if ids == nil {
+				ids = map[spiffeid.ID]bool{}
+			}
+			ids[id] = true
+		}
+	}
+	return ids
 }
 
 // policyWorkloads converts the cluster's pods into the policy engine's workloads.

@@ -1376,8 +1376,10 @@ type ServicePort struct {
 	Protocol string `protobuf:"bytes,2,opt,name=protocol,proto3" json:"protocol,omitempty"`
 	Port     uint32 `protobuf:"varint,3,opt,name=port,proto3" json:"port,omitempty"`
 	// Exactly one of target_port (a number) and target_name (a container port name).
-	TargetPort    uint32 `protobuf:"varint,4,opt,name=target_port,json=targetPort,proto3" json:"target_port,omitempty"`
-	TargetName    string `protobuf:"bytes,5,opt,name=target_name,json=targetName,proto3" json:"target_name,omitempty"`
+	TargetPort uint32 `protobuf:"varint,4,opt,name=target_port,json=targetPort,proto3" json:"target_port,omitempty"`
+	TargetName string `protobuf:"bytes,5,opt,name=target_name,json=targetName,proto3" json:"target_name,omitempty"`
+	// app_protocol is spec.ports[].appProtocol.
+	AppProtocol   string `protobuf:"bytes,6,opt,name=app_protocol,json=appProtocol,proto3" json:"app_protocol,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1443,6 +1445,13 @@ func (x *ServicePort) GetTargetPort() uint32 {
 func (x *ServicePort) GetTargetName() string {
 	if x != nil {
 		return x.TargetName
+	}
+	return ""
+}
+
+func (x *ServicePort) GetAppProtocol() string {
+	if x != nil {
+		return x.AppProtocol
 	}
 	return ""
 }
@@ -1770,7 +1779,7 @@ const file_config_proto_rawDesc = "" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\x1a;\n" +
 	"\rSelectorEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x93\x01\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xb6\x01\n" +
 	"\vServicePort\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1a\n" +
 	"\bprotocol\x18\x02 \x01(\tR\bprotocol\x12\x12\n" +
@@ -1778,7 +1787,8 @@ const file_config_proto_rawDesc = "" +
 	"\vtarget_port\x18\x04 \x01(\rR\n" +
 	"targetPort\x12\x1f\n" +
 	"\vtarget_name\x18\x05 \x01(\tR\n" +
-	"targetName\"\xab\x03\n" +
+	"targetName\x12!\n" +
+	"\fapp_protocol\x18\x06 \x01(\tR\vappProtocol\"\xab\x03\n" +
 	"\n" +
 	"ObjectMeta\x12\x1c\n" +
 	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x12\n" +

@@ -277,11 +277,12 @@ func decodeService(s *Service) (*cluster.Service, error) {
 			return nil, invalid(what, field+".target_port", "%d is not a port", p.GetTargetPort())
 		}
 		svc.Ports = append(svc.Ports, cluster.ServicePort{
-			Name:       p.GetName(),
-			Protocol:   p.GetProtocol(),
-			Port:       uint16(p.GetPort()),
-			TargetPort: uint16(p.GetTargetPort()),
-			TargetName: p.GetTargetName(),
+			Name:        p.GetName(),
+			Protocol:    p.GetProtocol(),
+			Port:        uint16(p.GetPort()),
+			TargetPort:  uint16(p.GetTargetPort()),
+			TargetName:  p.GetTargetName(),
+			AppProtocol: p.GetAppProtocol(),
 		})
 	}
 	return svc, nil
@@ -404,11 +405,12 @@ func ServiceResource(s *cluster.Service) *Resource {
 	}
 	for _, p := range s.Ports {
 		svc.Ports = append(svc.Ports, &ServicePort{
-			Name:       p.Name,
-			Protocol:   p.Protocol,
-			Port:       uint32(p.Port),
-			TargetPort: uint32(p.TargetPort),
-			TargetName: p.TargetName,
+			Name:        p.Name,
+			Protocol:    p.Protocol,
+			Port:        uint32(p.Port),
+			TargetPort:  uint32(p.TargetPort),
+			TargetName:  p.TargetName,
+			AppProtocol: p.AppProtocol,
 		})
 	}
 	return &Resource{Resource: &Resource_Service{Service: svc}}

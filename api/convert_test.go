@@ -20,7 +20,7 @@ func TestConvertRoundTrip(t *testing.T) {
 		IPs: []netip.Addr{netip.MustParseAddr("10.0.0.1"), netip.MustParseAddr("fd00::1")}, Ready: true,
 		Ports: []uint16{9080, 15090}, NamedPorts: map[string]uint16{"http": 9080}, Source: "pods.yaml#1"}
 	svc := &cluster.Service{Namespace: "bookinfo", Name: "reviews", ClusterIPs: []netip.Addr{netip.MustParseAddr("10.96.0.1")},
-		Selector: map[string]string{"app": "reviews"}, Ports: []cluster.ServicePort{{Name: "http", Protocol: "TCP", Port: 9080, TargetName: "http"}}, Source: "svc.yaml#1"}
+		Selector: map[string]string{"app": "reviews"}, Ports: []cluster.ServicePort{{Name: "http", Protocol: "TCP", AppProtocol: "http", Port: 9080, TargetName: "http"}}, Source: "svc.yaml#1"}
 	gw := &cluster.Gateway{Namespace: "bookinfo", Name: "waypoint", ClassName: cluster.WaypointClass,
 		Listeners: []cluster.GatewayListener{{Name: "mesh", Port: 15008, Protocol: "HBONE"}, {Name: "http", Port: 80, Protocol: "HTTP"}},
 		Addresses: []netip.Addr{netip.MustParseAddr("10.96.0.20"), netip.MustParseAddr("fd00::20")},
@@ -186,7 +186,7 @@ func TestWorkloadCarriesEveryPodField(t *testing.T) {
 	}{
 		{reflect.TypeFor[cluster.Pod](), "Namespace Name UID ServiceAccount Node Labels Annotations IPs HostIPs HostNetwork Ports NamedPorts Ready Source"},
 		{reflect.TypeFor[cluster.Service](), "Namespace Name Labels ClusterIPs Selector Ports Source"},
-		{reflect.TypeFor[cluster.ServicePort](), "Name Protocol Port TargetPort TargetName"},
+		{reflect.TypeFor[cluster.ServicePort](), "Name Protocol AppProtocol Port TargetPort TargetName"},
 		{reflect.TypeFor[cluster.Namespace](), "Name Labels"},
 		{reflect.TypeFor[cluster.EndpointSlice](), "Namespace Name Service Ports Endpoints Source"},
 		{reflect.TypeFor[cluster.EndpointPort](), "Name Protocol Port"},

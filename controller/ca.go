@@ -5,6 +5,8 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/veilmesh/veil/internal/cluster"
 	"log/slog"
 	"net"
 	"os"
@@ -177,4 +179,46 @@ func LoadNodeTokens(path string) (*identity.NodeTokens, error) {
 		return nil, fmt.Errorf("controller: node tokens: %s: %w", path, err)
 	}
 	return n, nil
+}
+
+// LoadWorkloadTokens reads a workload-token file: a YAML list of {token, node, namespace,
+// serviceAccount}, mode 0600, for workloads (waypoints) outside Kubernetes.
+func LoadWorkloadTokens(path string, td spiffeid.TrustDomain) (*identity.WorkloadTokens, error) {
+	st, err := os.Stat(path)
+	if err != nil {
+		return nil, fmt.Errorf("controller: workload tokens: %w", err)
+	}
+	if st.Mode().Perm()&0o077 != 0 {
+		return nil, fmt.Errorf("controller: workload tokens: %s has mode %v; make it readable by its owner only (chmod 600)", path, st.Mode().Perm())
+	}
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("controller: workload tokens: %w", err)
+	}
+	var tokens []identity.WorkloadToken
+	if err := yaml.UnmarshalStrict(data, &tokens); err != nil {
+		return nil, fmt.Errorf("controller: workload tokens: %s: want a list of {token, node, namespace, serviceAccount}: %w", path, err)
+	}
+	w, err := identity.NewWorkloadTokens(td, tokens)
+	if err != nil {
+		return nil, fmt.Errorf("controller: workload tokens: %s: %w", path, err)
+	}
+	return w, nil
+}
+
+// WaypointIdentities returns the identities of st's waypoint pods (pods of a Gateway of
+// class istio-waypoint): the workloads that may subscribe to the config.
+func WaypointIdentities(td spiffeid.TrustDomain, st *cluster.State) map[spiffeid.ID]bool {
+	ids := map[spiffeid.ID]bool{}
+	if st == nil {
+		return ids
+	}
+	for _, p := range st.Pods {
+		if st.IsWaypointPod(p) {
+			if id, err := identity.NewID(td, p.Namespace, p.ServiceAccount); err == nil {
+				ids[id] = true
+			}
+		}
+	}
+	return ids
 }

@@ -7,6 +7,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"log/slog"
 	"maps"
 	"slices"
@@ -64,7 +65,11 @@ type ConfigServer struct {
 	// ended with DeadlineExceeded; it reconnects and resumes from its version. Default
 	// DefaultAckTimeout. A stream with no push in flight has no deadline.
 	AckTimeout time.Duration
-	Log        *slog.Logger
+	// Waypoint, when set, reports whether a workload identity is a waypoint's: a
+	// waypoint subscribes to the config with its own credential. Other workloads are
+	// refused.
+	Waypoint func(spiffeid.ID) bool
+	Log      *slog.Logger
 
 	once sync.Once
 	// mu guards everything below.
@@ -385,13 +390,18 @@ func (s *ConfigServer) Subscribe(stream api.ConfigService_SubscribeServer) error
 		log.Warn("config: refused: unauthenticated", "peer", peerAddr(stream), "err", err)
 		return status.Errorf(codes.Unauthenticated, "controller: %v", err)
 	}
-	if !caller.Workload.IsZero() {
+	waypoint := !caller.Workload.IsZero() && s.Waypoint != nil && s.Waypoint(caller.Workload)
+	if !caller.Workload.IsZero() && !waypoint {
 		log.Warn("config: refused: not a node agent", "caller", caller.Name, "identity", caller.Workload.String(), "node", caller.Node)
 		return status.Errorf(codes.PermissionDenied, "controller: %s (identity %s) is not a node agent; only node agents subscribe to the config", caller.Name, caller.Workload)
 	}
 	// The cap counts streams by the credential's node from here, so that streams which
 	// never subscribe count too.
 	node, limit := caller.Node, s.maxStreams()
+	if waypoint {
+		// A waypoint's streams count against its identity, not its node's agent.
+		node = "waypoint " + caller.Workload.String()
+	}
 	s.mu.Lock()
 	if n := s.agents[node]; n >= limit {
 		s.mu.Unlock()
@@ -455,7 +465,7 @@ func (s *ConfigServer) Subscribe(stream api.ConfigService_SubscribeServer) error
 	if sub == nil {
 		return status.Error(codes.InvalidArgument, "controller: the first message must be a Subscribe")
 	}
-	if sub.GetNode() != caller.Node {
+	if sub.GetNode() != caller.Node && !waypoint {
 		log.Warn("config: refused: node is not the caller's", "node", caller.Node, "subscribe_as", sub.GetNode(), "peer", peerAddr(stream))
 		return status.Errorf(codes.PermissionDenied, "controller: the credential is node %q's; it cannot subscribe as node %q", caller.Node, sub.GetNode())
 	}

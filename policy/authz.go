@@ -92,6 +92,8 @@ type Request struct {
 	// Service is the Service or ServiceEntry a waypoint is serving; it decides which targetRefs
 	// policies apply. Zero for non-waypoint enforcement.
 	Service ServiceRef
+
+	tcp tcpMode // see EvaluateTCP
 }
 
 // ServiceRef names a Service (Kind "Service") or ServiceEntry (Kind "ServiceEntry").

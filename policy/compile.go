@@ -1,6 +1,7 @@
 package policy
 
 import (
+	"fmt"
 	"net/netip"
 	"sort"
 	"strconv"
@@ -16,7 +17,44 @@ type Options struct {
 	// TrustDomainAliases are meshConfig.trustDomainAliases, applied to principals at L7 only
 	// (Envoy); ztunnel, and so veil at L4, does no alias expansion (§2.11).
 	TrustDomainAliases []string
+	// Placement says where the policies that select a workload are enforced for traffic
+	// a waypoint carries: PlacementVeil (the default) or PlacementIstio.
+	Placement Placement
+	// AllowWaypointBypass, under PlacementVeil, lets a workload bound to a waypoint
+	// accept in-mesh connections that did not come through it (Istio's behaviour).
+	AllowWaypointBypass bool
 }
+
+// Placement is where a workload's own policies (root-namespace, namespace-wide and
+// selector AuthorizationPolicies and RequestAuthentications) are enforced when a
+// waypoint carries its traffic.
+type Placement string
+
+const (
+	// PlacementVeil, veil's extension: the waypoint enforces them too, for the chosen
+	// endpoint with the real client's identity; the destination's agent skips them only
+	// for connections whose proven peer is a waypoint serving the workload, and refuses
+	// in-mesh connections to a workload bound to a waypoint that did not come through
+	// one (unless AllowWaypointBypass).
+	PlacementVeil Placement = "veil"
+	// PlacementIstio is Istio's placement: the waypoint enforces only targetRefs
+	// policies, and the destination applies its L4 policies to the waypoint's identity.
+	PlacementIstio Placement = "istio"
+)
+
+// ParsePlacement reads a --policy-placement value.
+func ParsePlacement(s string) (Placement, error) {
+	switch Placement(s) {
+	case "", PlacementVeil:
+		return PlacementVeil, nil
+	case PlacementIstio:
+		return PlacementIstio, nil
+	}
+	return "", fmt.Errorf("policy placement %q: want veil or istio", s)
+}
+
+// Istio reports whether o asks for Istio's exact placement.
+func (o Options) Istio() bool { return o.Placement == PlacementIstio }
 
 func (o Options) rootNamespace() string {
 	if o.RootNamespace == "" {
@@ -305,6 +343,9 @@ func (e *enforcement) decide(r *Request, l layer, extra *policySet) Decision {
 		d.Custom = firstAcross(&sets, pickCustom, r)
 		d.Audit = firstAcross(&sets, pickAudit, r)
 	}
+	if r.tcp != tcpNone {
+		r.tcp = tcpDenying
+	}
 	if p := firstAcross(&sets, pickDeny, r); p != nil {
 		d.Reason, d.Policy = ReasonDenied, p
 		return d
@@ -312,6 +353,9 @@ func (e *enforcement) decide(r *Request, l layer, extra *policySet) Decision {
 	if allowN == 0 {
 		d.Reason = ReasonNoAllowPolicy
 		return d
+	}
+	if r.tcp != tcpNone {
+		r.tcp = tcpAllowing
 	}
 	if p := firstAcross(&sets, pickAllow, r); p != nil {
 		d.Reason, d.Policy = ReasonAllowed, p
@@ -343,8 +387,9 @@ type CompiledWorkload struct {
 	// RequestAuthentications lists the RequestAuthentications that apply (they are additive, §3.2).
 	RequestAuthentications []*Object
 
-	l4, l7   enforcement
-	services map[ServiceRef]*policySet // waypoints: targetRefs to a Service or ServiceEntry
+	l4, l7     enforcement
+	services   map[ServiceRef]*policySet // waypoints: targetRefs to a Service or ServiceEntry
+	serviceRAs map[ServiceRef][]*Object  // waypoints: RequestAuthentications by targeted Service
 }
 
 // EvaluateL4 decides an inbound connection with ztunnel's semantics: PeerAuthentication
@@ -363,6 +408,20 @@ func (w *CompiledWorkload) EvaluateHTTP(r *Request) Decision {
 		extra = w.services[r.Service]
 	}
 	return w.l7.decide(r, layerL7, extra)
+}
+
+// EvaluateTCP decides a connection that an Envoy-based proxy (a waypoint) cannot parse as
+// HTTP, with Envoy's TCP semantics over the policies that apply at L7 (for svc, at a
+// waypoint): a DENY rule is enforced without its HTTP fields, so one that needs HTTP
+// attributes denies the connection; an ALLOW rule with HTTP fields never matches; a
+// matching CUSTOM policy is reported in Decision.Custom.
+func (w *CompiledWorkload) EvaluateTCP(c *Conn, svc ServiceRef) Decision {
+	r := Request{Conn: *c, Service: svc, tcp: tcpAllowing}
+	var extra *policySet
+	if w.services != nil {
+		extra = w.services[svc]
+	}
+	return w.l7.decide(&r, layerL7, extra)
 }
 
 // Snapshot is an immutable, compiled view of all policies and workloads. It is safe for
@@ -554,19 +613,65 @@ func (s *Snapshot) Compile(w *Workload) *CompiledWorkload {
 	}
 	sort.Slice(cw.Policies, func(i, j int) bool { return cw.Policies[i].order < cw.Policies[j].order })
 	for _, o := range s.ras {
+		ra := o.RequestAuthentication
+		targeted := ra.TargetRef != nil || len(ra.TargetRefs) > 0
+		if gateway != "" && targeted {
+			s.attachGatewayRA(cw, o, gateway, root)
+			continue
+		}
 		if o.Namespace != w.Namespace && o.Namespace != root {
 			continue
 		}
-		ra := o.RequestAuthentication
-		if (ra.TargetRef != nil || len(ra.TargetRefs) > 0) == (gateway == "") {
-			continue // targetRefs apply to gateways and waypoints only (a simplification for waypoints)
+		if targeted || gateway != "" && w.Waypoint {
+			continue // targetRefs apply to gateways and waypoints only; waypoints never use selectors
 		}
-		if gateway == "" && !selects(ra.GetSelector().GetMatchLabels(), w.Labels) {
+		if !selects(ra.GetSelector().GetMatchLabels(), w.Labels) {
 			continue
 		}
 		cw.RequestAuthentications = append(cw.RequestAuthentications, o)
 	}
 	return cw
+}
+
+// attachGatewayRA attaches a targetRefs RequestAuthentication o to the gateway or
+// waypoint cw when one of its references names it (§0): the Gateway in its namespace,
+// GatewayClass istio-waypoint from the root namespace, or, for a waypoint, a Service or
+// ServiceEntry (then only for requests to that Service).
+func (s *Snapshot) attachGatewayRA(cw *CompiledWorkload, o *Object, gateway, root string) {
+	ra := o.RequestAuthentication
+	refs := ra.TargetRefs
+	if len(refs) == 0 {
+		refs = append(refs, ra.TargetRef)
+	}
+	w := cw.Workload
+	for _, ref := range refs {
+		switch {
+		case ref.Namespace != "":
+		case ref.Kind == "Gateway" && o.Namespace == w.Namespace && ref.Name == gateway,
+			ref.Kind == "GatewayClass" && ref.Name == "istio-waypoint" && w.Waypoint && o.Namespace == root:
+			cw.RequestAuthentications = append(cw.RequestAuthentications, o)
+			return
+		case (ref.Kind == "Service" || ref.Kind == "ServiceEntry") && w.Waypoint:
+			k := ServiceRef{ref.Kind, o.Namespace, ref.Name}
+			if cw.serviceRAs == nil {
+				cw.serviceRAs = map[ServiceRef][]*Object{}
+			}
+			if l := cw.serviceRAs[k]; len(l) == 0 || l[len(l)-1] != o {
+				cw.serviceRAs[k] = append(l, o)
+			}
+		}
+	}
+}
+
+// RequestAuthenticationsFor returns the RequestAuthentications that apply to a request
+// for Service svc (zero for none) at this workload: RequestAuthentications, and for a
+// waypoint those whose targetRefs name svc.
+func (w *CompiledWorkload) RequestAuthenticationsFor(svc ServiceRef) []*Object {
+	extra := w.serviceRAs[svc]
+	if len(extra) == 0 {
+		return w.RequestAuthentications
+	}
+	return append(append([]*Object(nil), w.RequestAuthentications...), extra...)
 }
 
 func uniqNS(ns, root string) []string {

@@ -15,6 +15,12 @@ const (
 	ReasonNotAllowed
 	// ReasonUnknownWorkload: denied, the destination is not in the snapshot (fail closed).
 	ReasonUnknownWorkload
+	// ReasonViaWaypoint: allowed, the connection comes from a waypoint that serves the
+	// workload and enforced its policies for this request (policy placement veil).
+	ReasonViaWaypoint
+	// ReasonWaypointBypass: denied, the workload is bound to a waypoint and this in-mesh
+	// connection did not come through a waypoint that serves it.
+	ReasonWaypointBypass
 )
 
 func (r Reason) String() string {
@@ -29,6 +35,10 @@ func (r Reason) String() string {
 		return "no ALLOW policy matched"
 	case ReasonUnknownWorkload:
 		return "unknown destination workload"
+	case ReasonViaWaypoint:
+		return "from a waypoint that serves the workload: its policies were enforced there"
+	case ReasonWaypointBypass:
+		return "the workload is bound to a waypoint and the connection did not come through one that serves it"
 	}
 	return "no decision"
 }
@@ -50,7 +60,7 @@ type Decision struct {
 
 // Allowed reports whether the connection or request may proceed.
 func (d Decision) Allowed() bool {
-	return d.Reason == ReasonNoAllowPolicy || d.Reason == ReasonAllowed
+	return d.Reason == ReasonNoAllowPolicy || d.Reason == ReasonAllowed || d.Reason == ReasonViaWaypoint
 }
 
 // String is a one-line explanation, such as

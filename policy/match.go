@@ -101,6 +101,26 @@ const (
 	attrUnavailable                      // experimental.envoy.filters.*: never present in veil
 )
 
+// httpOnly reports whether an attribute exists only in an HTTP request (Envoy on a TCP
+// chain has none of them).
+func (a attr) httpOnly() bool {
+	switch a {
+	case attrRequestPrincipal, attrHost, attrMethod, attrPath, attrHeader, attrClaim, attrAudience, attrPresenter:
+		return true
+	}
+	return false
+}
+
+// tcpMode marks a Request decided with Envoy's TCP semantics, and which rules are being
+// matched.
+type tcpMode uint8
+
+const (
+	tcpNone     tcpMode = iota
+	tcpDenying          // matching DENY rules: HTTP fields are dropped (they match)
+	tcpAllowing         // matching ALLOW rules: a rule with an HTTP field never matches
+)
+
 // pred is one field of a Source, Operation or Condition: "any value matches", or with not set,
 // "no value matches". A missing attribute fails a positive pred and satisfies a negated one.
 type pred struct {
@@ -135,6 +155,11 @@ type pathMatch struct {
 }
 
 func (p *pred) eval(r *Request) bool {
+	if r.tcp != tcpNone && p.attr.httpOnly() {
+		// Envoy's RBAC on a TCP chain: a DENY rule is enforced without its HTTP fields,
+		// an ALLOW rule with any is never met (istiod's TCP translation).
+		return r.tcp == tcpDenying
+	}
 	m := p.anyMatch(r)
 	if p.not {
 		return !m
@@ -272,7 +297,10 @@ func matchAnyCIDR(cidrs []netip.Prefix, ip netip.Addr) bool {
 	if !ip.IsValid() {
 		return false
 	}
-	ip = ip.Unmap()
+	// An IPv4-mapped address is the IPv4 address it maps (a dual-stack socket reports
+	// IPv4 clients so), and a zone only says which link a link-local address is on:
+	// Prefix.Contains would match neither.
+	ip = ip.Unmap().WithZone("")
 	for _, c := range cidrs {
 		if c.Contains(ip) {
 			return true

@@ -20,6 +20,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -55,6 +56,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		trustDomain = fs.String("trust-domain", identity.DefaultTrustDomain, "trust domain of the identities the CA signs")
 		maxTTL      = fs.Duration("max-ttl", identity.DefaultMaxTTL, "longest lifetime of an issued workload certificate")
 		listen      = fs.String("listen", ":15012", "address of the CA's gRPC service")
+		wlTokens    = fs.String("workload-tokens", "", "YAML file, mode 0600, listing workloads' bootstrap tokens ({token, node, namespace, serviceAccount}): how waypoints authenticate without Kubernetes")
 		tokens      = fs.String("node-tokens", "", "YAML file, mode 0600, mapping node name to its bootstrap token (required without --kubeconfig)")
 		caSecret    = fs.String("ca-secret", "", "with --kubeconfig: namespace/name of a Secret holding the CA in Istio's cacerts layout, used instead of --ca-dir; created with a new root when absent (replicas share it)")
 		rootCM      = fs.String("root-configmap", "", "with --kubeconfig: namespace/name of a ConfigMap the trust bundle is published to (key root-cert.pem), for agents to mount")
@@ -170,6 +172,13 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		}
 		auths = append(auths, nt)
 	}
+	if *wlTokens != "" {
+		wt, err := controller.LoadWorkloadTokens(*wlTokens, td)
+		if err != nil {
+			return err
+		}
+		auths = append(auths, wt)
+	}
 	popts := policy.Options{RootNamespace: *rootNS, TrustDomain: td.String()}
 	var src controller.Source
 	var first *controller.Config
@@ -187,6 +196,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		src = dir
 	}
 	placement := &controller.LivePlacement{}
+	var waypoints atomic.Pointer[map[spiffeid.ID]bool]
 	config := &controller.ConfigServer{
 		Auth:   auths,
 		Source: src,
@@ -194,6 +204,12 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 			if err := placement.Update(td, c.Cluster.Pods); err != nil {
 				log.Warn("ca: pods left out of the placement", "err", err)
 			}
+			ids := controller.WaypointIdentities(td, c.Cluster)
+			waypoints.Store(&ids)
+		},
+		Waypoint: func(id spiffeid.ID) bool {
+			m := waypoints.Load()
+			return m != nil && (*m)[id]
 		},
 		MaxStreamsPerNode: *maxStreams,
 		AckTimeout:        *ackTimeout,

@@ -59,11 +59,14 @@ type Service struct {
 
 // ServicePort maps a Service port to the pods' port. Only TCP ports matter to veil.
 type ServicePort struct {
-	Name       string
-	Protocol   string // TCP, UDP or SCTP
-	Port       uint16
-	TargetPort uint16 // 0 when the target port is named: resolved per pod
-	TargetName string // the named target port, if any
+	Name     string
+	Protocol string // TCP, UDP or SCTP
+	// AppProtocol is spec.ports[].appProtocol: with the name's prefix, it says which
+	// protocol a waypoint parses (HTTP, HTTP/2, else TCP).
+	AppProtocol string
+	Port        uint16
+	TargetPort  uint16 // 0 when the target port is named: resolved per pod
+	TargetName  string // the named target port, if any
 }
 
 // EndpointSlice is a discovery.k8s.io/v1 EndpointSlice: the endpoints of a Service

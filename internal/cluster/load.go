@@ -44,10 +44,11 @@ type object struct {
 		ClusterIPs []string          `json:"clusterIPs"`
 		Selector   map[string]string `json:"selector"`
 		Ports      []struct {
-			Name       string `json:"name"`
-			Protocol   string `json:"protocol"`
-			Port       int    `json:"port"`
-			TargetPort any    `json:"targetPort"` // int or string
+			Name        string `json:"name"`
+			Protocol    string `json:"protocol"`
+			AppProtocol string `json:"appProtocol"`
+			Port        int    `json:"port"`
+			TargetPort  any    `json:"targetPort"` // int or string
 		} `json:"ports"`
 	} `json:"spec"`
 	Status struct {
@@ -296,7 +297,7 @@ func (st *State) addObject(src string, o *object) error {
 			}
 		}
 		for i, p := range o.Spec.Ports {
-			sp := ServicePort{Name: p.Name, Protocol: p.Protocol}
+			sp := ServicePort{Name: p.Name, Protocol: p.Protocol, AppProtocol: p.AppProtocol}
 			if sp.Protocol == "" {
 				sp.Protocol = "TCP"
 			}
