@@ -51,6 +51,13 @@ type dumpWorkload struct {
 	// For this node's enrolled workloads: the effective mTLS and the policies in scope.
 	MTLS     *dumpMTLS `json:"mtls,omitempty"`
 	Policies []string  `json:"policies,omitempty"`
+	// Waypoint is the waypoint traffic to the pod's own address goes through
+	// ("namespace/name", or why its binding cannot be used); ServedBy the identities of
+	// the waypoints that may carry traffic to it (its own and its Services'); Placement
+	// where its policies are enforced.
+	Waypoint  string   `json:"waypoint,omitempty"`
+	ServedBy  []string `json:"served_by,omitempty"`
+	Placement string   `json:"placement,omitempty"`
 }
 
 // dumpMTLS is a workload's PeerAuthentication outcome: the mode the agent enforces
@@ -90,6 +97,19 @@ func (a *Agent) configDump() dump {
 		dw := dumpWorkload{Namespace: w.pod.Namespace, Name: w.pod.Name, Identity: w.id.String(), Node: w.pod.Node, Enrolled: w.enrolled, Local: w.local, Labels: w.pod.Labels}
 		for _, ip := range w.pod.IPs {
 			dw.IPs = append(dw.IPs, ip.String())
+		}
+		switch {
+		case w.waypointErr != nil:
+			dw.Waypoint = "unusable: " + w.waypointErr.Error() + " (connections to the pod fail)"
+		case w.waypoint != nil:
+			dw.Waypoint = w.waypoint.String() + " (istio.io/waypoint-for=" + w.waypoint.For + ")"
+		}
+		for id := range w.servedBy {
+			dw.ServedBy = append(dw.ServedBy, id.String())
+		}
+		sort.Strings(dw.ServedBy)
+		if w.enrolled {
+			dw.Placement = a.placement(w)
 		}
 		if cw := snap.Workload(w.pod.Namespace, w.pod.Name); cw != nil && w.local && w.enrolled {
 			dw.MTLS = mtlsOf(cw, w.pod.Ports)
@@ -144,6 +164,24 @@ func mtlsOf(cw *policy.CompiledWorkload, declared []uint16) *dumpMTLS {
 	return m
 }
 
+// placement says where the policies that select w are enforced.
+func (a *Agent) placement(w *workload) string {
+	switch {
+	case len(w.servedBy) == 0:
+		return "at L4 by this node's agent (no waypoint carries its traffic): HTTP-only ALLOW rules are dropped (fail closed)"
+	case a.opts.Policy.Istio():
+		return "policy placement istio: its selector policies at L4 by its agent, against the waypoint's identity for traffic a waypoint carries; the waypoint enforces only targetRefs policies"
+	}
+	s := "policy placement veil: at the waypoint serving it (HTTP attributes and JWT, with the real client's identity) for the traffic it carries; at L4 by its agent for everything else"
+	switch {
+	case w.waypoint != nil && a.opts.Policy.AllowWaypointBypass:
+		s += "; in-mesh connections that bypass its waypoint are judged at L4 (--allow-waypoint-bypass)"
+	case w.waypoint != nil:
+		s += "; in-mesh connections that bypass its waypoint are refused"
+	}
+	return s
+}
+
 // Explanation is the answer of /explain.
 type Explanation struct {
 	Allowed  bool   `json:"allowed"`
@@ -152,6 +190,8 @@ type Explanation struct {
 	Policy      string `json:"policy,omitempty"`
 	Destination string `json:"destination"`
 	MTLS        string `json:"mtls"`
+	// Placement is where the destination's policies are enforced (see dumpWorkload).
+	Placement string `json:"placement,omitempty"`
 }
 
 // explain decides a connection to a local enrolled workload:
@@ -185,8 +225,8 @@ func (a *Agent) explain(w http.ResponseWriter, r *http.Request) {
 		peer = policy.ParsePeer(p)
 	}
 	snap := a.store.Snapshot()
-	d := snap.EvaluateL4(&policy.Conn{Peer: peer, SrcIP: src, DstIP: dst, DstPort: uint16(port)})
-	e := Explanation{Allowed: d.Allowed(), Decision: d.String(), Destination: wl.String()}
+	d := a.decide(a.view.Load(), snap, &policy.Conn{Peer: peer, SrcIP: src, DstIP: dst, DstPort: uint16(port)})
+	e := Explanation{Allowed: d.Allowed(), Decision: d.String(), Destination: wl.String(), Placement: a.placement(wl)}
 	if d.Policy != nil {
 		e.Policy = d.Policy.Namespace + "/" + d.Policy.Name
 	}

@@ -77,6 +77,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		logLevel      = fs.String("log-level", "info", "debug, info, warn or error")
 		handoverDir   = fs.String("handover-dir", "/var/run/veil", "directory (root only) of the unix socket through which a new agent takes the running one's listeners over")
 		ztunnelSocket = fs.String("ztunnel-socket", "/var/run/ztunnel/ztunnel.sock", "the socket through which Istio's CNI hands pods to ztunnel: when something serves it, ztunnel captures this node's ambient pods and veil refuses to capture them too; empty skips the check")
+		placement     = fs.String("policy-placement", "veil", "where the policies that select a workload are enforced for traffic a waypoint carries: veil (at the waypoint too; this agent skips them only for connections from a waypoint serving the workload, and refuses in-mesh connections to a workload bound to a waypoint that bypass it) or istio (Istio's placement: this agent applies its L4 policies to the waypoint's identity). Waypoints and agents must agree")
+		allowBypass   = fs.Bool("allow-waypoint-bypass", false, "with --policy-placement=veil, accept in-mesh connections to a workload bound to a waypoint that did not come through it (Istio's behaviour)")
 		drainGrace    = fs.Duration("drain-grace", 29*time.Second, "how long a stopping or replaced agent lets the connections it holds finish (the DaemonSet's grace period minus 1s)")
 		cni           cniOptions
 	)
@@ -119,6 +121,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	td, err := spiffeid.TrustDomainFromString(*trustDomain)
 	if err != nil {
 		return fmt.Errorf("--trust-domain %q: %w", *trustDomain, err)
+	}
+	pl, err := policy.ParsePlacement(*placement)
+	if err != nil {
+		return fmt.Errorf("--policy-placement: %w", err)
 	}
 	if *caRootCheck < 0 {
 		return fmt.Errorf("--ca-root-check-interval %v: must not be negative", *caRootCheck)
@@ -221,7 +227,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		Capture:       capt,
 		Node:          *node,
 		TrustDomain:   td,
-		Policy:        policy.Options{RootNamespace: *rootNamespace, TrustDomain: td.String()},
+		Policy:        policy.Options{RootNamespace: *rootNamespace, TrustDomain: td.String(), Placement: pl, AllowWaypointBypass: *allowBypass},
 		Certs:         certs,
 		Sockets:       agent.HostSockets{Mark: *mark},
 		OutboundAddr:  *outboundAddr,

@@ -83,7 +83,10 @@ type workload struct {
 			DecidedBy        string `json:"decided_by"`
 		}
 	}
-	Policies []string
+	Policies  []string
+	Waypoint  string
+	ServedBy  []string `json:"served_by"`
+	Placement string
 }
 
 // findWorkload looks ns/name up in an agent's config dump and returns it as its own
@@ -149,6 +152,15 @@ func describePod(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		return nil
 	}
 	fmt.Fprintf(stdout, "Mesh:      enrolled\nIdentity:  %s\n", w.Identity)
+	if w.Waypoint != "" {
+		fmt.Fprintf(stdout, "Waypoint:  %s\n", w.Waypoint)
+	}
+	if len(w.ServedBy) > 0 {
+		fmt.Fprintf(stdout, "Served by: %s\n", strings.Join(w.ServedBy, ", "))
+	}
+	if w.Placement != "" {
+		fmt.Fprintf(stdout, "Enforced:  %s\n", w.Placement)
+	}
 	if w.MTLS == nil {
 		fmt.Fprintf(stdout, "mTLS:      (ask the agent of %s)\n", w.Node)
 		return nil
@@ -267,6 +279,12 @@ func policyExplain(ctx context.Context, args []string, stdout, stderr io.Writer)
 	fmt.Fprintf(stdout, "%s\nfrom:     %s, %s\nto:       %s port %d, on %s\nmTLS:     %s\n", e.Decision, *from, how, e.Destination, port, dst.Node, e.MTLS)
 	if e.Policy != "" {
 		fmt.Fprintf(stdout, "policy:   %s\n", e.Policy)
+	}
+	if dst.Waypoint != "" {
+		fmt.Fprintf(stdout, "waypoint: %s: the source's agent sends traffic to the pod through it; the decision above is for a connection straight from the source\n", dst.Waypoint)
+	}
+	if e.Placement != "" {
+		fmt.Fprintf(stdout, "enforced: %s\n", e.Placement)
 	}
 	return nil
 }
