@@ -128,12 +128,6 @@ func newView(st *cluster.State, node string, td spiffeid.TrustDomain, cniEnrolle
 	}
 	for _, s := range st.Services {
 		sv := &service{svc: s}
-		sv.waypoint, sv.waypointErr = bind.ServiceWaypoint(s)
-		if sv.waypoint != nil {
-			for _, ep := range sv.endpoints {
-				ep.servedBy = waypointIDs(td, ep.servedBy, sv.waypoint)
-			}
-		}
 		for _, p := range st.Endpoints(s) {
 			if w := v.byIP[p.IPs[0]]; w != nil {
 				sv.endpoints = append(sv.endpoints, w)
@@ -141,6 +135,12 @@ func newView(st *cluster.State, node string, td spiffeid.TrustDomain, cniEnrolle
 		}
 		if len(s.Selector) == 0 {
 			sv.slices = st.SliceEndpoints(s)
+		}
+		sv.waypoint, sv.waypointErr = bind.ServiceWaypoint(s)
+		if sv.waypoint != nil {
+			for _, ep := range sv.endpoints {
+				ep.servedBy = waypointIDs(td, ep.servedBy, sv.waypoint)
+			}
 		}
 		for _, ip := range s.ClusterIPs {
 			v.vips[ip] = sv
