@@ -69,10 +69,11 @@ vet: ## go vet
 bench: ## benchmarks with allocation counts; figures go into closing notes
 	$(GO) test -run '^$$' -bench . -benchmem -benchtime $(BENCHTIME) $(PKGS)
 
-bench-path: ## end-to-end: raw TCP, a plain Go TLS tunnel, stunnel and veil over the lab's two nodes (root; QUICK=1 to try it)
+bench-path: ## end-to-end: raw TCP, a plain Go TLS tunnel, stunnel and veil over the lab's two nodes (root; QUICK=1 to try it); then the waypoint's HTTP proxy against httputil.ReverseProxy
 	./scripts/deps.sh bench
 	$(MAKE) --no-print-directory build
 	BIN=$(abspath $(BIN)) ./bench/path.sh
+	$(GO) test -run '^$$' -bench '^BenchmarkProxyHTTP1$$' -benchtime 3s ./waypoint/
 
 fuzz: ## run each fuzz target for FUZZTIME (default 30s)
 	./scripts/fuzz.sh $${FUZZTIME:-30s}

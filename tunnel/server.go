@@ -9,7 +9,9 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -39,7 +41,8 @@ type Request struct {
 }
 
 // A Handler decides a CONNECT stream. It returns the upstream connection to splice the
-// stream with, or an error: Denied (401), Unreachable (503) or any other error (503).
+// stream with (or Take, to serve the stream itself), or an error: Denied (401),
+// Unreachable (503) or any other error (503).
 type Handler interface {
 	Connect(ctx context.Context, req *Request) (net.Conn, error)
 }
@@ -77,7 +80,11 @@ type Server struct {
 	// peer identity: the bytes it may have in flight that the destinations have not read
 	// yet. Default 64 MiB.
 	PeerBudget int64
-	Log        *slog.Logger
+	// AnyDestination accepts a CONNECT whose :authority is not the address the tunnel was
+	// dialled at: a waypoint's, where it names the original destination (a Service
+	// address, or a pod's). The handler must then decide which destinations it serves.
+	AnyDestination bool
+	Log            *slog.Logger
 
 	initOnce sync.Once
 	budget   *budget
@@ -240,8 +247,9 @@ func (s *Server) untrack(c net.Conn) {
 }
 
 type connInfo struct {
-	peer          spiffeid.ID
-	local, remote netip.AddrPort
+	peer           spiffeid.ID
+	local, remote  netip.AddrPort
+	anyDestination bool
 }
 
 func (s *Server) serveConn(nc net.Conn) {
@@ -270,7 +278,7 @@ func (s *Server) serveConn(nc net.Conn) {
 		return
 	}
 	tc.SetReadDeadline(time.Time{})
-	info := &connInfo{peer: peer, local: addrPort(nc.LocalAddr()), remote: addrPort(nc.RemoteAddr())}
+	info := &connInfo{peer: peer, local: addrPort(nc.LocalAddr()), remote: addrPort(nc.RemoteAddr()), anyDestination: s.AnyDestination}
 	window, release := s.budget.reserve(peer.String(), int64(s.ConnWindow))
 	c := newH2Conn(tc, h2Config{
 		server:       true,
@@ -333,11 +341,65 @@ func (s *Server) serveStream(st *Stream, info *connInfo) {
 		}
 		return
 	}
+	if t, ok := up.(*taken); ok {
+		sc := &streamConn{Stream: st, local: net.TCPAddrFromAddrPort(req.Destination), remote: net.TCPAddrFromAddrPort(req.Source)}
+		t.serve(sc)
+		sc.Close()
+		if s.Done != nil {
+			s.Done(req, Counts{AToB: sc.written.Load(), BToA: sc.read.Load()}, nil)
+		}
+		return
+	}
 	c, err := Join(up, st)
 	if s.Done != nil {
 		s.Done(req, c, err)
 	}
 }
+
+// Take is what a Handler returns from Connect to serve the accepted stream itself
+// instead of naming a connection to splice it with (an L7 proxy terminating the
+// stream). The server sends the 200, then calls serve, in the stream's goroutine, with
+// the stream as a net.Conn: Read and Write carry the tunnelled bytes, CloseWrite sends
+// END_STREAM, Close resets the stream unless both directions have ended, LocalAddr is
+// the Destination and RemoteAddr the Source; deadlines are not supported
+// (os.ErrNoDeadline). serve owns the connection until it returns; the server closes it
+// then, and Done reports the bytes serve read (BToA) and wrote (AToB). When the 200
+// cannot be sent, serve is not called. The value Take returns is a marker for the
+// Server only: its methods other than Close are not to be called.
+func Take(serve func(c net.Conn)) net.Conn { return &taken{serve: serve} }
+
+type taken struct {
+	net.Conn // nil: never used
+	serve    func(net.Conn)
+}
+
+func (*taken) Close() error { return nil }
+
+// streamConn is a server stream handed to a Take handler.
+type streamConn struct {
+	*Stream
+	local, remote net.Addr
+	read, written atomic.Int64
+}
+
+func (c *streamConn) Read(p []byte) (int, error) {
+	n, err := c.Stream.Read(p)
+	c.read.Add(int64(n))
+	return n, err
+}
+
+func (c *streamConn) Write(p []byte) (int, error) {
+	n, err := c.Stream.Write(p)
+	c.written.Add(int64(n))
+	return n, err
+}
+
+func (c *streamConn) LocalAddr() net.Addr  { return c.local }
+func (c *streamConn) RemoteAddr() net.Addr { return c.remote }
+
+func (*streamConn) SetDeadline(time.Time) error      { return os.ErrNoDeadline }
+func (*streamConn) SetReadDeadline(time.Time) error  { return os.ErrNoDeadline }
+func (*streamConn) SetWriteDeadline(time.Time) error { return os.ErrNoDeadline }
 
 // ctxOf is a context that ends when the stream is forgotten (reset, ended, connection
 // closed).
@@ -395,7 +457,7 @@ func parseConnect(st *Stream, info *connInfo) (*Request, error) {
 	if dst.Port() == 0 {
 		return nil, badRequest("authority %q has port 0", authority)
 	}
-	if dst.Addr() != info.local.Addr() {
+	if dst.Addr() != info.local.Addr() && !info.anyDestination {
 		return nil, badRequest("authority %s is not the dialled address %s", dst.Addr(), info.local.Addr())
 	}
 	req.Destination = dst

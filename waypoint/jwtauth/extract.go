@@ -1,0 +1,148 @@
+package jwtauth
+
+import (
+	"net/http"
+	"net/url"
+	"strings"
+)
+
+// headerLocation is a fromHeaders entry: the canonical header name and the value prefix.
+type headerLocation struct {
+	name, prefix string
+}
+
+// found is a token and where it was found.
+type found struct {
+	token string
+	// header is the canonical name of the header it came from, "" for a query parameter
+	// or a cookie.
+	header string
+}
+
+// locations are one provider's token locations, in Envoy's extraction order: headers by
+// lower-case name then prefix, then query parameters by name, then cookies by name;
+// duplicates removed.
+type locations struct {
+	headers []headerLocation
+	params  []string
+	cookies []string
+}
+
+// request is what extraction reads from a request; queries and cookies are parsed once,
+// when a location first needs them.
+type request struct {
+	r       *http.Request
+	query   map[string]string
+	cookies map[string]string
+}
+
+// extract appends the tokens found at the locations to out, as Envoy's Extractor does:
+//   - a header location takes every value of the header; with a prefix, a value that does
+//     not contain the prefix anywhere is skipped, and the token starts at the first
+//     base64url or '.' character after it (the whole value if there is none);
+//   - a query parameter takes its first value, percent-decoded;
+//   - a cookie takes the first cookie of that name, without surrounding quotes.
+func (l *locations) extract(req *request, out []found) []found {
+	for _, h := range l.headers {
+		for _, v := range req.r.Header[h.name] {
+			if h.prefix != "" {
+				pos := strings.Index(v, h.prefix)
+				if pos < 0 {
+					continue
+				}
+				v = tokenAfter(v, pos+len(h.prefix))
+			}
+			out = append(out, found{token: v, header: h.name})
+		}
+	}
+	if len(l.params) > 0 {
+		q := req.queryParams()
+		for _, p := range l.params {
+			if v, ok := q[p]; ok {
+				out = append(out, found{token: v})
+			}
+		}
+	}
+	if len(l.cookies) > 0 {
+		c := req.cookieValues()
+		for _, name := range l.cookies {
+			if v, ok := c[name]; ok {
+				out = append(out, found{token: v})
+			}
+		}
+	}
+	return out
+}
+
+// tokenAfter returns v from the first base64url or '.' character at or after i, or all of
+// v when there is none (Envoy's extractJWT).
+func tokenAfter(v string, i int) string {
+	for ; i < len(v); i++ {
+		if isBase64URL(v[i]) || v[i] == '.' {
+			return v[i:]
+		}
+	}
+	return v
+}
+
+// queryParams returns the first value of each query parameter, keys and values
+// percent-decoded.
+func (req *request) queryParams() map[string]string {
+	if req.query != nil {
+		return req.query
+	}
+	req.query = map[string]string{}
+	raw := ""
+	if req.r.URL != nil {
+		raw = req.r.URL.RawQuery
+	}
+	for raw != "" {
+		var part string
+		part, raw, _ = strings.Cut(raw, "&")
+		if part == "" {
+			continue
+		}
+		k, v, _ := strings.Cut(part, "=")
+		k, v = unescape(k), unescape(v)
+		if _, dup := req.query[k]; !dup {
+			req.query[k] = v
+		}
+	}
+	return req.query
+}
+
+func unescape(s string) string {
+	if !strings.ContainsAny(s, "%+") {
+		return s
+	}
+	if u, err := url.QueryUnescape(s); err == nil {
+		return u
+	}
+	return s
+}
+
+// cookieValues returns the first value of each cookie of the Cookie headers.
+func (req *request) cookieValues() map[string]string {
+	if req.cookies != nil {
+		return req.cookies
+	}
+	req.cookies = map[string]string{}
+	for _, line := range req.r.Header["Cookie"] {
+		for line != "" {
+			var part string
+			part, line, _ = strings.Cut(line, ";")
+			part = strings.TrimLeft(part, " \t\n\v\f\r")
+			k, v, ok := strings.Cut(part, "=")
+			if !ok {
+				continue
+			}
+			if len(v) >= 2 && v[0] == '"' && v[len(v)-1] == '"' {
+				v = v[1 : len(v)-1]
+			}
+			if _, dup := req.cookies[k]; !dup {
+				req.cookies[k] = v
+			}
+		}
+	}
+	return req.cookies
+}
