@@ -69,9 +69,17 @@ type ConfigServer struct {
 	// waypoint subscribes to the config with its own credential. Other workloads are
 	// refused.
 	Waypoint func(spiffeid.ID) bool
-	Log      *slog.Logger
+	// JWKS, when set, gives the RequestAuthentication rules of every config Set
+	// publishes their keys inline (JWKSResolver.Inline). Set its OnChange to Republish.
+	JWKS *JWKSResolver
+	Log  *slog.Logger
 
 	once sync.Once
+	// pub serializes Set and Republish; last is the config Set was last given.
+	pub struct {
+		sync.Mutex
+		last *Config
+	}
 	// mu guards everything below.
 	mu      sync.Mutex
 	epoch   string
@@ -144,9 +152,16 @@ func (s *ConfigServer) Version() uint64 {
 // Set publishes cfg. When it differs from the current config the version grows by one
 // and every subscriber receives a delta; otherwise nothing happens. It returns the
 // version now served. An object that does not convert is left out and reported, the rest
-// is published.
+// is published. With JWKS set, it fetches the keys not cached yet first.
 func (s *ConfigServer) Set(cfg *Config) (uint64, error) {
 	s.init()
+	s.pub.Lock()
+	defer s.pub.Unlock()
+	s.pub.last = cfg
+	return s.set(s.withKeys(cfg))
+}
+
+func (s *ConfigServer) set(cfg *Config) (uint64, error) {
 	next, errs := resources(cfg)
 	s.mu.Lock()
 	defer s.mu.Unlock()

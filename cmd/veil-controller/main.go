@@ -5,7 +5,8 @@
 // directory of YAML, which it watches for changes. The CA's node placement follows the
 // same directory. The CA's own files (--ca-dir, or --ca-secret) are read again every
 // --ca-check-interval: a root rotation (README "Rotating the root CA") happens while it
-// runs.
+// runs. With --kubeconfig it also deploys the waypoint of each Gateway of class
+// istio-waypoint, as istiod does (--waypoint-*; controller.Waypoints).
 package main
 
 import (
@@ -16,6 +17,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/netip"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -29,6 +31,7 @@ import (
 	"github.com/veilmesh/veil/identity"
 	"github.com/veilmesh/veil/policy"
 	"google.golang.org/grpc"
+	corev1 "k8s.io/api/core/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
@@ -70,9 +73,19 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		logLevel    = fs.String("log-level", "info", "debug, info, warn or error")
 		caCheck     = fs.Duration("ca-check-interval", controller.DefaultCAReloadInterval, "how often the CA (--ca-dir's files, or --ca-secret) is read again: a change (a root rotation, README \"Rotating the root CA\") is taken while running when agents can follow it, refused and logged otherwise; 0 disables")
 		kubeconfig  = fs.String("kubeconfig", "", `read the cluster from a Kubernetes API server instead of --config-dir: a kubeconfig file, or "in-cluster" for the pod's service account`)
+		jwksBlocked = fs.String("jwks-blocked-cidrs", "", "comma-separated CIDRs never connected to when fetching RequestAuthentication keys (jwksUri, OpenID discovery), besides link-local and cloud metadata addresses, which are always refused (istiod's BLOCKED_CIDRS_IN_JWKS_URIS)")
+		jwksRoots   = fs.String("jwks-extra-roots", "", "PEM file of CA certificates trusted besides the system roots when fetching RequestAuthentication keys over https (istiod's /cacerts/extra.pem)")
+		jwksSkipTLS = fs.Bool("jwks-insecure-skip-verify", false, "do not verify the certificates of https JWKS servers (istiod's JWKS_RESOLVER_INSECURE_SKIP_VERIFY)")
 		serverNames listFlag
 	)
 	fs.Var(&serverNames, "server-name", "DNS name agents dial the CA by; repeatable (default veil-controller, localhost)")
+	var (
+		waypointDeploy    = fs.Bool("waypoint-deploy", true, "with --kubeconfig: deploy a waypoint (ServiceAccount, Deployment of --waypoint-image, Service) for each Gateway of class istio-waypoint, as istiod does, unless GatewayClass istio-waypoint is Istio's")
+		waypointImage     = fs.String("waypoint-image", "veil/veil-waypoint:dev", "the veil-waypoint image of the waypoints deployed")
+		waypointPull      = fs.String("waypoint-image-pull-policy", "IfNotPresent", "pull policy of --waypoint-image: Always, IfNotPresent or Never")
+		waypointCAAddr    = fs.String("waypoint-ca-addr", "", "host:port at which the waypoints deployed reach this CA; its host is their TLS server name (default the first --server-name and --listen's port)")
+		waypointPlacement = fs.String("waypoint-policy-placement", "veil", "the --policy-placement of the waypoints deployed: veil (they also enforce the selector policies of the workloads they serve) or istio")
+	)
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -180,6 +193,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		auths = append(auths, wt)
 	}
 	popts := policy.Options{RootNamespace: *rootNS, TrustDomain: td.String()}
+	jwks, err := jwksResolver(*jwksBlocked, *jwksRoots, *jwksSkipTLS, log)
+	if err != nil {
+		return err
+	}
 	var src controller.Source
 	var first *controller.Config
 	from := *configDir
@@ -211,10 +228,12 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 			m := waypoints.Load()
 			return m != nil && (*m)[id]
 		},
+		JWKS:              jwks,
 		MaxStreamsPerNode: *maxStreams,
 		AckTimeout:        *ackTimeout,
 		Log:               log,
 	}
+	jwks.OnChange = config.Republish
 	// Serve a clean first load at once: neither a CA request nor a subscription meets an
 	// empty config. One with errors is not served at all (the source's Run logs them and
 	// waits for a clean load): a partial config could loosen what agents enforce.
@@ -225,6 +244,33 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		}
 	}
 
+	// The waypoints of Gateways of class istio-waypoint, deployed as istiod does.
+	var deployer *controller.Waypoints
+	if *kubeconfig != "" && *waypointDeploy {
+		caAddr := *waypointCAAddr
+		if caAddr == "" {
+			_, port, err := net.SplitHostPort(*listen)
+			if err != nil {
+				return fmt.Errorf("--listen %q: %w", *listen, err)
+			}
+			caAddr = net.JoinHostPort(serverNames[0], port)
+		}
+		deployer = &controller.Waypoints{Config: rc, Image: *waypointImage, PullPolicy: corev1.PullPolicy(*waypointPull), CAAddr: caAddr,
+			Roots: func() []byte { return cas.Current().RootsPEM() }, TrustDomain: td.String(), RootNamespace: *rootNS,
+			PolicyPlacement: *waypointPlacement, Log: log}
+		if err := deployer.Validate(); err != nil {
+			return fmt.Errorf("--waypoint-*: %w", err)
+		}
+		publish := cas.Publish
+		cas.Publish = func(ctx context.Context, ca *identity.CA) error {
+			deployer.Resync() // the waypoints' trust bundle
+			if publish == nil {
+				return nil
+			}
+			return publish(ctx, ca)
+		}
+	}
+
 	lis, err := net.Listen("tcp", *listen)
 	if err != nil {
 		return err
@@ -232,11 +278,25 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	caDone := make(chan struct{})
+	deployerDone := make(chan struct{})
+	go func() {
+		defer close(deployerDone)
+		if deployer != nil {
+			if err := deployer.Run(ctx); err != nil {
+				log.Error("waypoints: not deployed", "err", err)
+			}
+		}
+	}()
 	go func() {
 		defer close(caDone)
 		if *caCheck > 0 {
 			cas.Run(ctx)
 		}
+	}()
+	jwksDone := make(chan struct{})
+	go func() {
+		defer close(jwksDone)
+		jwks.Run(ctx)
 	}()
 	configDone := make(chan error, 1)
 	go func() {
@@ -251,7 +311,32 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	err = srv.Serve(ctx, lis)
 	cancel()
 	<-caDone
+	<-deployerDone
+	<-jwksDone
 	return errors.Join(err, <-configDone)
+}
+
+// jwksResolver builds the controller's JWKS resolver from the --jwks-* flags.
+func jwksResolver(blocked, roots string, skipVerify bool, log *slog.Logger) (*controller.JWKSResolver, error) {
+	r := &controller.JWKSResolver{InsecureSkipVerify: skipVerify, Log: log}
+	for _, c := range strings.Split(blocked, ",") {
+		if c = strings.TrimSpace(c); c == "" {
+			continue
+		}
+		p, err := netip.ParsePrefix(c)
+		if err != nil {
+			return nil, fmt.Errorf("--jwks-blocked-cidrs: %w", err)
+		}
+		r.BlockedCIDRs = append(r.BlockedCIDRs, p.Masked())
+	}
+	if roots != "" {
+		pool, err := controller.JWKSRoots(roots)
+		if err != nil {
+			return nil, fmt.Errorf("--jwks-extra-roots: %w", err)
+		}
+		r.RootCAs = pool
+	}
+	return r, nil
 }
 
 // kubeRESTConfig reads a kubeconfig file, or the pod's service account for "in-cluster".

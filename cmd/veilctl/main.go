@@ -5,6 +5,7 @@
 //	veilctl describe pod NS/NAME
 //	veilctl certs NS/NAME
 //	veilctl lab up|status|exec|apply|delete|demo|down
+//	veilctl waypoint apply|generate|list|delete
 //
 // policy check evaluates a connection or an HTTP request against a directory of
 // security.istio.io YAML and prints the decision and its reason; lab runs a veil mesh in
@@ -41,6 +42,7 @@ Commands:
   describe pod   a pod's mesh membership, identity, effective mTLS per port, policies in scope
   certs          a pod's certificate chain, SPIFFE ID, validity and time to rotation
   lab            a veil mesh in network namespaces on this machine: up, status, exec, apply, demo, down
+  waypoint       waypoints as istioctl waypoint makes them: apply, generate, list, delete
 
 describe, certs and policy explain ask an agent's admin endpoint: --admin URL (default
 http://localhost:15000, the agent of the node you are on), or --lab NAME for a lab's agents.
@@ -61,6 +63,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	if len(args) >= 1 && args[0] == "certs" {
 		return certs(ctx, args[1:], stdout, stderr)
+	}
+	if len(args) >= 1 && args[0] == "waypoint" {
+		return waypointCmd(ctx, args[1:], stdout, stderr)
 	}
 	if len(args) >= 1 && args[0] == "lab" {
 		return labCmd(ctx, args[1:], os.Stdin, stdout, stderr)

@@ -39,6 +39,8 @@ var images = []image{
 	{binary: "veil-agent", also: []string{"veil-cni"}},
 	{binary: "veil-controller", user: "65532:65532"},
 	{binary: "veilctl", user: "65532:65532"},
+	// The waypoints the controller deploys; their Deployment runs them as 65532 too.
+	{binary: "veil-waypoint", user: "65532:65532"},
 }
 
 func main() {
@@ -70,6 +72,10 @@ func run(src, out, repo, tag string) error {
 		return fmt.Errorf("build: %w", err)
 	}
 	for _, im := range images {
+		if !hasCmd(src, im.binary) {
+			fmt.Fprintf(os.Stderr, "images: no ./cmd/%s in %s yet; no %s image\n", im.binary, src, im.binary)
+			continue
+		}
 		ref, err := name.NewTag(fmt.Sprintf("%s/%s:%s", repo, im.binary, tag))
 		if err != nil {
 			return err
@@ -92,13 +98,19 @@ func run(src, out, repo, tag string) error {
 func contents(src string, im image) []string {
 	files := []string{im.binary}
 	for _, b := range im.also {
-		if _, err := os.Stat(filepath.Join(src, "cmd", b)); err != nil {
+		if !hasCmd(src, b) {
 			fmt.Fprintf(os.Stderr, "images: %s: no ./cmd/%s in %s yet; the image is built without it\n", im.binary, b, src)
 			continue
 		}
 		files = append(files, b)
 	}
 	return files
+}
+
+// hasCmd reports whether src has the command ./cmd/binary.
+func hasCmd(src, binary string) bool {
+	_, err := os.Stat(filepath.Join(src, "cmd", binary))
+	return err == nil
 }
 
 // build1 makes an image of static binaries (built into bin) on an empty base.

@@ -147,6 +147,11 @@ func TestManifestsApplyServerSide(t *testing.T) {
 		{"veil-controller", "get", "secrets", "bookinfo", "no"},
 		{"veil-controller", "delete", "pods", "bookinfo", "no"},
 		{"veil-controller", "get", "namespaces", "", "no"},
+		// Waypoints: what it deploys, but no ConfigMap outside its namespace.
+		{"veil-controller", "create", "deployments.apps", "bookinfo", "yes"},
+		{"veil-controller", "delete", "serviceaccounts", "bookinfo", "yes"},
+		{"veil-controller", "update", "gateways.gateway.networking.k8s.io", "bookinfo", "no"},
+		{"veil-controller", "create", "configmaps", "bookinfo", "no"},
 		{"veil-agent", "get", "pods", "bookinfo", "yes"},
 		{"veil-agent", "get", "daemonsets.apps/veil-agent", "veil-system", "yes"},
 		{"veil-agent", "get", "daemonsets.apps/other", "veil-system", "no"},

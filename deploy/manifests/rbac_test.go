@@ -26,11 +26,15 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/metadata"
 	pb "istio.io/api/security/v1alpha1"
+	appsv1 "k8s.io/api/apps/v1"
 	authv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 )
@@ -81,8 +85,10 @@ func (r request) String() string {
 // RBAC least privilege, shown against a real API server with an audit log: the real
 // veil-controller runs as its service account with the flags the Deployment gives it
 // (informers, the CA Secret created, the root published, an agent's certificate request
-// authorized with a TokenReview and a pod lookup; then restarted after the CA Secret was
-// replaced, so the published root is updated); the real veil-cni adds a pod with the
+// authorized with a TokenReview and a pod lookup, a Gateway's waypoint deployed and its
+// status written; then restarted after the CA Secret was replaced and the Gateway
+// re-created, so the published root is updated and the waypoint's objects are taken over
+// (with the new trust bundle), then deleted with their Gateway); the real veil-cni adds a pod with the
 // agent's kubeconfig, and the agent's own check of its DaemonSet is made as its service
 // account. Then every verb on every resource the ClusterRoles and Roles
 // grant must appear in the log for that account (or be listed in unused with a reason),
@@ -105,6 +111,9 @@ func TestRBACIsNecessary(t *testing.T) {
 	})
 	agentPod := newPod(t, admin, "veil-system", "veil-agent", "veil-agent-node-1", "node-1", "10.0.0.1")
 	newPod(t, admin, "bookinfo", "reviews", "reviews-1", "node-1", "10.1.1.10")
+	// bookinfo's waypoint, as veilctl waypoint apply writes it.
+	gateways := dynamic.NewForConfigOrDie(kc.Config).Resource(schema.GroupVersionResource{Group: "gateway.networking.k8s.io", Version: "v1", Resource: "gateways"}).Namespace("bookinfo")
+	gateway := createWaypointGateway(t, gateways)
 
 	// The controller's credentials: its service account's token, as in its pod.
 	dir := t.TempDir()
@@ -147,11 +156,14 @@ current-context: test
 
 	// 1. First start: no CA Secret yet (get, then create), no root ConfigMap yet (get, then
 	// create), informers (list, watch), and node-1's agent asks for reviews' certificate
-	// (a TokenReview, then a get of the agent's pod).
+	// (a TokenReview, then a get of the agent's pod). The waypoint: GatewayClass
+	// istio-waypoint created (get, create, status), its objects created, and once its pod
+	// is ready the Gateway's status written.
 	addr := startController(t, bin, args)
 	root := waitRoot(t, admin, "")
 	agentToken := token(t, admin, "veil-agent", []string{"istio-ca"}, agentPod)
 	askCertificate(t, addr, serverName, root, agentToken, spiffeid.RequireFromString("spiffe://cluster.local/ns/bookinfo/sa/reviews"))
+	waypointProgrammed(t, admin, gateways)
 	stopController(t)
 
 	// 2. The CA is replaced (an operator plugs in a new root: here, deletes the Secret so
@@ -160,9 +172,21 @@ current-context: test
 	if err := admin.CoreV1().Secrets("veil-system").Delete(ctx, "cacerts", metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
+	// Meanwhile the Gateway is deleted and made again (no garbage collector runs here):
+	// the restarted controller takes the waypoint's objects over (update), with the new
+	// trust bundle in its Deployment, and deletes them all once the Gateway is deleted.
+	if err := gateways.Delete(ctx, gateway.GetName(), metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	gateway = createWaypointGateway(t, gateways)
 	addr = startController(t, bin, args)
 	root = waitRoot(t, admin, root)
 	askCertificate(t, addr, serverName, root, agentToken, spiffeid.RequireFromString("spiffe://cluster.local/ns/bookinfo/sa/reviews"))
+	waypointTakenOver(t, admin, gateway, root)
+	if err := gateways.Delete(ctx, gateway.GetName(), metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waypointRemoved(t, admin)
 	stopController(t)
 
 	// 3. The real veil-cni, run as a container runtime runs it (CNI_COMMAND=ADD, the
@@ -326,6 +350,120 @@ func runCNIAdd(t *testing.T, dir, host, caFile, tok string, pod *corev1.Pod) {
 	if err != nil || !strings.Contains(string(out), ip) {
 		t.Fatalf("veil-cni ADD of %s/%s: %v\nstdout: %s\nstderr: %s", pod.Namespace, pod.Name, err, out, stderr.String())
 	}
+}
+
+// createWaypointGateway creates bookinfo's waypoint, a Gateway of class istio-waypoint.
+func createWaypointGateway(t *testing.T, gateways dynamic.ResourceInterface) *unstructured.Unstructured {
+	t.Helper()
+	gw, err := gateways.Create(context.Background(), &unstructured.Unstructured{Object: map[string]any{
+		"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+		"metadata": map[string]any{"name": "waypoint"},
+		"spec": map[string]any{"gatewayClassName": "istio-waypoint",
+			"listeners": []any{map[string]any{"name": "mesh", "port": int64(15008), "protocol": "HBONE"}}},
+	}}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return gw
+}
+
+// eventually polls ok for up to 60 s.
+func eventually(t *testing.T, what string, ok func() (bool, error)) {
+	t.Helper()
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		done, err := ok()
+		if done {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: never (%v)", what, err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// waypointProgrammed waits for the controller to deploy bookinfo's waypoint, makes its
+// pod ready (no kubelet here), and waits for the Gateway's status.addresses.
+func waypointProgrammed(t *testing.T, cs kubernetes.Interface, gateways dynamic.ResourceInterface) {
+	t.Helper()
+	ctx := context.Background()
+	var dep *appsv1.Deployment
+	eventually(t, "the waypoint's Deployment", func() (bool, error) {
+		var err error
+		dep, err = cs.AppsV1().Deployments("bookinfo").Get(ctx, "waypoint", metav1.GetOptions{})
+		return err == nil, err
+	})
+	spec := dep.Spec.Template.Spec.DeepCopy()
+	spec.NodeName = "node-1"
+	p, err := cs.CoreV1().Pods("bookinfo").Create(ctx, &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: "waypoint-1", Labels: dep.Spec.Template.Labels},
+		Spec: *spec}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.Status.Phase, p.Status.PodIP = corev1.PodRunning, "10.1.1.30"
+	p.Status.Conditions = []corev1.PodCondition{{Type: corev1.PodReady, Status: corev1.ConditionTrue}}
+	if _, err := cs.CoreV1().Pods("bookinfo").UpdateStatus(ctx, p, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the waypoint's addresses in its Gateway's status", func() (bool, error) {
+		gw, err := gateways.Get(ctx, "waypoint", metav1.GetOptions{})
+		if err != nil {
+			return false, err
+		}
+		addrs, _, _ := unstructured.NestedSlice(gw.Object, "status", "addresses")
+		return len(addrs) == 2, fmt.Errorf("status %v", gw.Object["status"])
+	})
+}
+
+// waypointTakenOver waits for the objects made for an earlier Gateway to belong to gw,
+// and for the waypoint's trust bundle to be root.
+func waypointTakenOver(t *testing.T, cs kubernetes.Interface, gw *unstructured.Unstructured, root string) {
+	t.Helper()
+	ctx := context.Background()
+	for _, get := range []func() (metav1.Object, error){
+		func() (metav1.Object, error) {
+			return cs.CoreV1().ServiceAccounts("bookinfo").Get(ctx, "waypoint", metav1.GetOptions{})
+		},
+		func() (metav1.Object, error) {
+			return cs.AppsV1().Deployments("bookinfo").Get(ctx, "waypoint", metav1.GetOptions{})
+		},
+		func() (metav1.Object, error) {
+			return cs.CoreV1().Services("bookinfo").Get(ctx, "waypoint", metav1.GetOptions{})
+		},
+	} {
+		eventually(t, "the waypoint's objects taken over by the new Gateway", func() (bool, error) {
+			o, err := get()
+			if err != nil {
+				return false, err
+			}
+			ref := metav1.GetControllerOf(o)
+			return ref != nil && ref.UID == gw.GetUID(), fmt.Errorf("%s: controller %+v", o.GetName(), ref)
+		})
+	}
+	eventually(t, "the new trust bundle in the waypoint's Deployment", func() (bool, error) {
+		dep, err := cs.AppsV1().Deployments("bookinfo").Get(ctx, "waypoint", metav1.GetOptions{})
+		return err == nil && dep.Spec.Template.Annotations["veilmesh.io/ca-root"] == root, err
+	})
+}
+
+// waypointRemoved waits for the controller to delete the waypoint's objects.
+func waypointRemoved(t *testing.T, cs kubernetes.Interface) {
+	t.Helper()
+	ctx := context.Background()
+	eventually(t, "the waypoint's objects deleted with their Gateway", func() (bool, error) {
+		var left []string
+		if _, err := cs.CoreV1().ServiceAccounts("bookinfo").Get(ctx, "waypoint", metav1.GetOptions{}); !apierrors.IsNotFound(err) {
+			left = append(left, "ServiceAccount")
+		}
+		if _, err := cs.AppsV1().Deployments("bookinfo").Get(ctx, "waypoint", metav1.GetOptions{}); !apierrors.IsNotFound(err) {
+			left = append(left, "Deployment")
+		}
+		if _, err := cs.CoreV1().Services("bookinfo").Get(ctx, "waypoint", metav1.GetOptions{}); !apierrors.IsNotFound(err) {
+			left = append(left, "Service")
+		}
+		return len(left) == 0, fmt.Errorf("left: %v", left)
+	})
 }
 
 func mustCreate(t *testing.T, create func() error) {

@@ -9,6 +9,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/veilmesh/veil/policy"
@@ -216,7 +217,7 @@ func (f *Failure) Error() string { return f.Body }
 
 // run is the state of one Authenticate call.
 type run struct {
-	request
+	r   *http.Request
 	now uint64
 	// jwt is the last token that verified.
 	jwt *policy.JWT
@@ -226,6 +227,14 @@ type run struct {
 	ops    []headerOp
 	buf    [4]found
 	opsBuf [8]headerOp
+}
+
+var runs = sync.Pool{New: func() any { return new(run) }}
+
+// release clears st, which holds the request and its tokens, and pools it.
+func (st *run) release() {
+	*st = run{}
+	runs.Put(st)
 }
 
 // headerOp deletes a header, or adds a value to it.
@@ -271,8 +280,9 @@ func (a *Authenticator) Authenticate(r *http.Request, now time.Time) (*policy.JW
 	if r.Method == http.MethodOptions && r.Header.Get("Origin") != "" && r.Header.Get("Access-Control-Request-Method") != "" {
 		return nil, nil
 	}
-	st := &run{request: request{r: r}}
-	st.ops = st.opsBuf[:0]
+	st := runs.Get().(*run)
+	defer st.release()
+	st.r, st.ops = r, st.opsBuf[:0]
 	if s := now.Unix(); s > 0 {
 		st.now = uint64(s)
 	}
@@ -326,7 +336,7 @@ func (p *provider) verify(st *run) status {
 	for _, h := range p.outputs {
 		st.ops = append(st.ops, headerOp{name: h, del: true})
 	}
-	toks := p.loc.extract(&st.request, st.buf[:0])
+	toks := p.loc.extract(st.r, st.buf[:0])
 	if len(toks) == 0 {
 		return statusMissed
 	}

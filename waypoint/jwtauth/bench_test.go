@@ -41,3 +41,25 @@ func benchmarkRequest(b *testing.B, a *Authenticator, auth string, now time.Time
 		}
 	}
 }
+
+// TestAuthenticateWithoutTokenDoesNotAllocate: the common case of a waypoint with
+// RequestAuthentications, a request without a token, costs no allocation.
+func TestAuthenticateWithoutTokenDoesNotAllocate(t *testing.T) {
+	a := mustNew(t, objects(t, raYAML("ra", "- issuer: "+iss1+"\n  "+inlineJWKS(jwksOf(t, tkey("RS256")))+`
+  outputPayloadToHeader: x-jwt-payload
+- issuer: https://issuer-2.example
+  `+inlineJWKS(jwksOf(t, tkey("ES256")))+`
+  fromHeaders: [{name: x-token}]
+  fromParams: [token]
+  fromCookies: [session]`)))
+	r := &http.Request{Method: "GET", URL: &url.URL{Path: "/items", RawQuery: "page=2&q=a%20b"}, RequestURI: "/items?page=2&q=a%20b", Host: "svc",
+		Header: http.Header{"Accept": {"*/*"}, "Cookie": {"theme=dark; lang=en"}, "Authorization": {"Basic YWxhZGRpbjpvcGVuc2VzYW1l"}}}
+	now := time.Now()
+	if n := testing.AllocsPerRun(100, func() {
+		if j, f := a.Authenticate(r, now); j != nil || f != nil {
+			t.Fatal("want no token")
+		}
+	}); n != 0 {
+		t.Fatalf("%v allocations per request without a token", n)
+	}
+}

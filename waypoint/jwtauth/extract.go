@@ -28,23 +28,16 @@ type locations struct {
 	cookies []string
 }
 
-// request is what extraction reads from a request; queries and cookies are parsed once,
-// when a location first needs them.
-type request struct {
-	r       *http.Request
-	query   map[string]string
-	cookies map[string]string
-}
-
-// extract appends the tokens found at the locations to out, as Envoy's Extractor does:
+// extract appends the tokens found in r at the locations to out, as Envoy's Extractor
+// does:
 //   - a header location takes every value of the header; with a prefix, a value that does
 //     not contain the prefix anywhere is skipped, and the token starts at the first
 //     base64url or '.' character after it (the whole value if there is none);
 //   - a query parameter takes its first value, percent-decoded;
 //   - a cookie takes the first cookie of that name, without surrounding quotes.
-func (l *locations) extract(req *request, out []found) []found {
+func (l *locations) extract(r *http.Request, out []found) []found {
 	for _, h := range l.headers {
-		for _, v := range req.r.Header[h.name] {
+		for _, v := range r.Header[h.name] {
 			if h.prefix != "" {
 				pos := strings.Index(v, h.prefix)
 				if pos < 0 {
@@ -55,18 +48,17 @@ func (l *locations) extract(req *request, out []found) []found {
 			out = append(out, found{token: v, header: h.name})
 		}
 	}
-	if len(l.params) > 0 {
-		q := req.queryParams()
+	if len(l.params) > 0 && r.URL != nil && r.URL.RawQuery != "" {
 		for _, p := range l.params {
-			if v, ok := q[p]; ok {
+			if v, ok := firstParam(r.URL.RawQuery, p); ok {
 				out = append(out, found{token: v})
 			}
 		}
 	}
 	if len(l.cookies) > 0 {
-		c := req.cookieValues()
+		lines := r.Header["Cookie"]
 		for _, name := range l.cookies {
-			if v, ok := c[name]; ok {
+			if v, ok := firstCookie(lines, name); ok {
 				out = append(out, found{token: v})
 			}
 		}
@@ -85,17 +77,9 @@ func tokenAfter(v string, i int) string {
 	return v
 }
 
-// queryParams returns the first value of each query parameter, keys and values
+// firstParam returns the first value of query parameter name, keys and values
 // percent-decoded.
-func (req *request) queryParams() map[string]string {
-	if req.query != nil {
-		return req.query
-	}
-	req.query = map[string]string{}
-	raw := ""
-	if req.r.URL != nil {
-		raw = req.r.URL.RawQuery
-	}
+func firstParam(raw, name string) (string, bool) {
 	for raw != "" {
 		var part string
 		part, raw, _ = strings.Cut(raw, "&")
@@ -103,12 +87,11 @@ func (req *request) queryParams() map[string]string {
 			continue
 		}
 		k, v, _ := strings.Cut(part, "=")
-		k, v = unescape(k), unescape(v)
-		if _, dup := req.query[k]; !dup {
-			req.query[k] = v
+		if unescape(k) == name {
+			return unescape(v), true
 		}
 	}
-	return req.query
+	return "", false
 }
 
 func unescape(s string) string {
@@ -121,28 +104,23 @@ func unescape(s string) string {
 	return s
 }
 
-// cookieValues returns the first value of each cookie of the Cookie headers.
-func (req *request) cookieValues() map[string]string {
-	if req.cookies != nil {
-		return req.cookies
-	}
-	req.cookies = map[string]string{}
-	for _, line := range req.r.Header["Cookie"] {
+// firstCookie returns the value of the first cookie called name in the Cookie header
+// lines, without surrounding double quotes.
+func firstCookie(lines []string, name string) (string, bool) {
+	for _, line := range lines {
 		for line != "" {
 			var part string
 			part, line, _ = strings.Cut(line, ";")
 			part = strings.TrimLeft(part, " \t\n\v\f\r")
 			k, v, ok := strings.Cut(part, "=")
-			if !ok {
+			if !ok || k != name {
 				continue
 			}
 			if len(v) >= 2 && v[0] == '"' && v[len(v)-1] == '"' {
 				v = v[1 : len(v)-1]
 			}
-			if _, dup := req.cookies[k]; !dup {
-				req.cookies[k] = v
-			}
+			return v, true
 		}
 	}
-	return req.cookies
+	return "", false
 }

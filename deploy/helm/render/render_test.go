@@ -317,6 +317,20 @@ func TestChartDefaults(t *testing.T) {
 		"agent-service-account": "veil-system/veil-agent", "listen": ":15012", "server-name": "veil-controller.veil-system.svc", "trust-domain": "cluster.local"} {
 		wantFlag(t, cc.Args, name, want)
 	}
+	// The waypoints it deploys: their image, and the CA's address as the agents have it.
+	for name, want := range map[string]string{"waypoint-image": "veil/veil-waypoint:dev", "waypoint-image-pull-policy": "IfNotPresent",
+		"waypoint-ca-addr": "veil-controller.veil-system.svc:15012", "waypoint-policy-placement": "veil"} {
+		wantFlag(t, cc.Args, name, want)
+	}
+	if agentAddr, _ := argOf(t, c.Args, "ca-addr"); !slices.Contains(cc.Args, "--waypoint-ca-addr="+agentAddr) {
+		t.Errorf("the waypoints reach the CA elsewhere than the agents (%s)", agentAddr)
+	}
+	for _, g := range []struct{ group, resource, verb string }{{"apps", "deployments", "create"}, {"", "serviceaccounts", "delete"},
+		{"gateway.networking.k8s.io", "gateways/status", "update"}, {"gateway.networking.k8s.io", "gatewayclasses", "create"}} {
+		if !grants(r.clusterRoles["veil-controller"], g.group, g.resource, g.verb) {
+			t.Errorf("the controller may not %s %s/%s, which deploying waypoints needs", g.verb, g.group, g.resource)
+		}
+	}
 	if csc := cc.SecurityContext; csc == nil || csc.ReadOnlyRootFilesystem == nil || !*csc.ReadOnlyRootFilesystem || csc.RunAsNonRoot == nil || !*csc.RunAsNonRoot {
 		t.Errorf("controller security context %+v", csc)
 	}
@@ -374,6 +388,8 @@ func TestChartValues(t *testing.T) {
 		"agent.tolerations[0].key=dedicated", "agent.tolerations[0].operator=Equal", "agent.tolerations[0].value=mesh", "agent.tolerations[0].effect=NoSchedule",
 		"agent.nodeSelector.pool=mesh", "agent.resources.limits.memory=256Mi", "agent.terminationGracePeriodSeconds=60",
 		"controller.replicas=3", "controller.extraArgs[0]=--max-ttl=12h", "controller.resources.requests.cpu=250m",
+		"images.waypoint.repository=registry.example/veil-waypoint", "images.waypoint.tag=2.0", "images.waypoint.pullPolicy=Always",
+		"waypoint.policyPlacement=istio",
 		"cni.confDir=/var/lib/rancher/k3s/agent/etc/cni/net.d", "cni.binDir=/home/kubernetes/bin",
 		"crds.install=false")
 	spec, c := r.agent(t)
@@ -416,7 +432,9 @@ func TestChartValues(t *testing.T) {
 		t.Errorf("controller image %s, %d replicas, pull secrets %v", cc.Image, *r.deployment.Spec.Replicas, cspec.ImagePullSecrets)
 	}
 	for name, want := range map[string]string{"ca-secret": "mesh/plugged-in", "root-configmap": "mesh/mesh-root", "agent-service-account": "mesh/veil-agent",
-		"trust-domain": "example.org", "log-level": "debug", "server-name": "veil-controller.mesh.svc", "max-ttl": "12h"} {
+		"trust-domain": "example.org", "log-level": "debug", "server-name": "veil-controller.mesh.svc", "max-ttl": "12h",
+		"waypoint-image": "registry.example/veil-waypoint:2.0", "waypoint-image-pull-policy": "Always", "waypoint-ca-addr": "veil-controller.mesh.svc:15012",
+		"waypoint-policy-placement": "istio"} {
 		wantFlag(t, cc.Args, name, want)
 	}
 	if got := cc.Resources.Requests[corev1.ResourceCPU]; got.Cmp(resource.MustParse("250m")) != 0 {
@@ -472,6 +490,19 @@ func TestChartValues(t *testing.T) {
 			t.Errorf("the agent needs no API access without the CNI plugin")
 		}
 	})
+	t.Run("waypoint.deploy=false", func(t *testing.T) {
+		r := render(t, Namespace, "waypoint.deploy=false")
+		_, cc := r.controller(t)
+		wantFlag(t, cc.Args, "waypoint-deploy", "false")
+		if v, ok := argOf(t, cc.Args, "waypoint-image"); ok {
+			t.Errorf("--waypoint-image=%s without waypoints", v)
+		}
+		for _, g := range []struct{ group, resource string }{{"apps", "deployments"}, {"", "serviceaccounts"}, {"gateway.networking.k8s.io", "gatewayclasses"}} {
+			if grants(r.clusterRoles["veil-controller"], g.group, g.resource, "create") {
+				t.Errorf("the controller may create %s/%s without waypoints to deploy", g.group, g.resource)
+			}
+		}
+	})
 	t.Run("a grace period too short to drain", func(t *testing.T) {
 		if _, err := Render(chartDir, Namespace, "agent.terminationGracePeriodSeconds=1"); err == nil || !strings.Contains(err.Error(), "at least 2") {
 			t.Errorf("err %v", err)
@@ -479,9 +510,22 @@ func TestChartValues(t *testing.T) {
 	})
 }
 
+// grants reports whether role allows verb on group/resource.
+func grants(role *rbacv1.ClusterRole, group, resource, verb string) bool {
+	if role == nil {
+		return false
+	}
+	for _, r := range role.Rules {
+		if slices.Contains(r.APIGroups, group) && slices.Contains(r.Resources, resource) && slices.Contains(r.Verbs, verb) {
+			return true
+		}
+	}
+	return false
+}
+
 // helm lint finds nothing wrong, with the default values and the others above.
 func TestChartLint(t *testing.T) {
-	for _, vals := range []map[string]any{nil, {"cni": map[string]any{"enabled": false}, "crds": map[string]any{"install": false}}} {
+	for _, vals := range []map[string]any{nil, {"cni": map[string]any{"enabled": false}, "crds": map[string]any{"install": false}, "waypoint": map[string]any{"deploy": false}}} {
 		l := action.NewLint()
 		l.Namespace = Namespace
 		l.KubeVersion = &chartutil.KubeVersion{Version: "v1.35.0", Major: "1", Minor: "35"}
