@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"strings"
 	"syscall"
@@ -47,20 +48,25 @@ func (l *Lab) Request(ctx context.Context, from, addr string) Outcome {
 	}
 	resp, err := client.Do(req)
 	if err != nil {
-		var ne net.Error
-		switch {
-		case errors.Is(err, syscall.ECONNRESET), errors.Is(err, syscall.EPIPE),
-			errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF):
-			// EPIPE: the reset arrived before the request was written.
-			return Outcome{Result: "reset"}
-		case errors.As(err, &ne) && ne.Timeout():
-			return Outcome{Result: "timeout"}
-		}
-		return Outcome{Result: "error: " + err.Error()}
+		return classify(err)
 	}
 	defer resp.Body.Close()
 	body, _ := io.ReadAll(resp.Body)
 	return Outcome{Result: fmt.Sprint(resp.StatusCode), Body: strings.TrimSpace(string(body))}
+}
+
+// classify names the failure of a request as the demo reports it.
+func classify(err error) Outcome {
+	var ne net.Error
+	switch {
+	case errors.Is(err, syscall.ECONNRESET), errors.Is(err, syscall.EPIPE),
+		errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF):
+		// EPIPE: the reset arrived before the request was written.
+		return Outcome{Result: "reset"}
+	case errors.As(err, &ne) && ne.Timeout():
+		return Outcome{Result: "timeout"}
+	}
+	return Outcome{Result: "error: " + err.Error()}
 }
 
 // probe is one request of a scenario and the result Istio's semantics call for.
@@ -129,32 +135,72 @@ var scenarios = []scenario{
 			{"legacy/sleep", "reviews:9080", "200", "plaintext has no identity, so `namespaces` cannot match; add STRICT to shut it out"},
 		},
 	},
+	{
+		title: "ALLOW by source address, IPv4 and IPv6 ranges, but one pod (authz-ip-blocks.yaml)",
+		apply: []string{"authz-ip-blocks.yaml"},
+		probes: []probe{
+			{"bookinfo/productpage", "reviews:9080", "200", "in node-1's pod range (ipBlocks), over HBONE"},
+			{"legacy/meshed-sleep", "reviews:9080", "200", "in the range; the mapped ::ffff:10.100.1.12 excludes .12 only"},
+			{"legacy/sleep", "reviews:9080", "reset", "notIpBlocks names its addresses (plaintext: the packet's source)"},
+			{"bookinfo/ratings", "reviews:9080", "reset", "node-2's pods are outside ipBlocks (same node)"},
+		},
+	},
+	{
+		title: "ALLOW by remoteIpBlocks, an HTTP attribute (authz-remote-ip-blocks.yaml)",
+		apply: []string{"authz-remote-ip-blocks.yaml"},
+		probes: []probe{
+			{"bookinfo/reviews", "ratings:9080", "reset", "at L4 the remoteIpBlocks rule is dropped: fails closed, as ztunnel"},
+		},
+		note: "remoteIpBlocks (X-Forwarded-For) needs a waypoint; without one the ALLOW rule is dropped",
+	},
 }
 
-// target resolves "pod:port" or "svc/name" to an address.
+// target resolves "pod:port" or "svc/name" to an address in the lab's primary family.
 func (l *Lab) target(to string) (string, error) {
-	if name, ok := strings.CutPrefix(to, "svc/"); ok {
-		for i, svc := range l.Spec.Services {
-			if svc.Name == name {
-				return net.JoinHostPort(l.Spec.ServiceIP(i).String(), fmt.Sprint(svc.Port)), nil
-			}
-		}
-		return "", fmt.Errorf("no service %s", name)
-	}
-	pod, port, ok := strings.Cut(to, ":")
-	if !ok {
-		return "", fmt.Errorf("target %q: want pod:port or svc/name", to)
-	}
-	p, err := l.Spec.Pod(pod)
+	all, err := l.targets(to)
 	if err != nil {
 		return "", err
 	}
-	return net.JoinHostPort(l.Spec.PodIP(p).String(), port), nil
+	return all[0], nil
+}
+
+// targets resolves "pod:port" or "svc/name" to an address in each of the lab's
+// families, the primary first.
+func (l *Lab) targets(to string) ([]string, error) {
+	var ips []netip.Addr
+	var port string
+	if name, ok := strings.CutPrefix(to, "svc/"); ok {
+		for i, svc := range l.Spec.Services {
+			if svc.Name == name {
+				ips, port = l.Spec.ServiceIPs(i), fmt.Sprint(svc.Port)
+				break
+			}
+		}
+		if ips == nil {
+			return nil, fmt.Errorf("no service %s", name)
+		}
+	} else {
+		pod, pt, ok := strings.Cut(to, ":")
+		if !ok {
+			return nil, fmt.Errorf("target %q: want pod:port or svc/name", to)
+		}
+		p, err := l.Spec.Pod(pod)
+		if err != nil {
+			return nil, err
+		}
+		ips, port = l.Spec.PodIPs(p), pt
+	}
+	out := make([]string, len(ips))
+	for i, ip := range ips {
+		out[i] = net.JoinHostPort(ip.String(), port)
+	}
+	return out, nil
 }
 
 // RunDemo runs the Istio documentation's scenarios on a lab built from DefaultSpec and
-// prints each probe with its expected and observed result. It returns how many probes
-// did not match.
+// prints each probe with its expected and observed result, once per IP family of the lab
+// (a dual-stack lab: over IPv4, then over IPv6). It returns how many probes did not
+// match.
 func RunDemo(ctx context.Context, l *Lab, w io.Writer) (mismatches int, err error) {
 	for i, sc := range scenarios {
 		fmt.Fprintf(w, "\n[%d] %s\n", i+1, sc.title)
@@ -175,19 +221,21 @@ func RunDemo(ctx context.Context, l *Lab, w io.Writer) (mismatches int, err erro
 			return mismatches, err
 		}
 		for _, pr := range sc.probes {
-			addr, err := l.target(pr.to)
+			addrs, err := l.targets(pr.to)
 			if err != nil {
 				return mismatches, err
 			}
-			got := l.Request(ctx, pr.from, addr)
-			mark := "ok"
-			if got.Result != pr.want {
-				mark = "MISMATCH"
-				mismatches++
-			}
-			fmt.Fprintf(w, "    %-22s -> %-22s expected %-6s observed %-6s %-8s %s\n", pr.from, pr.to+" ("+addr+")", pr.want, got.Result, mark, pr.why)
-			if got.Body != "" {
-				fmt.Fprintf(w, "        %s\n", got.Body)
+			for _, addr := range addrs {
+				got := l.Request(ctx, pr.from, addr)
+				mark := "ok"
+				if got.Result != pr.want {
+					mark = "MISMATCH"
+					mismatches++
+				}
+				fmt.Fprintf(w, "    %-22s -> %-22s expected %-6s observed %-6s %-8s %s\n", pr.from, pr.to+" ("+addr+")", pr.want, got.Result, mark, pr.why)
+				if got.Body != "" {
+					fmt.Fprintf(w, "        %s\n", got.Body)
+				}
 			}
 		}
 		if i == 0 {
@@ -289,12 +337,22 @@ func holds(have, present, absent []string) bool {
 	return true
 }
 
-// Demo builds the default lab under name, runs the scenarios, and tears it down. The
-// error reports a lab that failed or scenarios that did not match.
-func Demo(ctx context.Context, name string, opts Options, w io.Writer) error {
+// Demo builds the default lab under name with the IP families of family ("ipv4",
+// "ipv6" or "dual"; empty: dual, both in one run, or ipv4 where the kernel has no IPv6),
+// runs the scenarios, and tears it down. The error reports a lab that failed or
+// scenarios that did not match.
+func Demo(ctx context.Context, name, family string, opts Options, w io.Writer) error {
 	spec := DefaultSpec()
 	if name != "" {
 		spec.Name = name
+	}
+	spec.Family = family
+	if family == "" {
+		spec.Family = FamilyDual
+		if _, err := os.Stat("/proc/sys/net/ipv6"); err != nil || opts.Kube {
+			spec.Family = FamilyIPv4
+			fmt.Fprintln(w, "demo: IPv4 only (a kube lab, or a kernel without IPv6)")
+		}
 	}
 	if err := CheckName(spec.Name); err != nil {
 		return err
@@ -326,5 +384,58 @@ func Demo(ctx context.Context, name string, opts Options, w io.Writer) error {
 		return errors.Join(fmt.Errorf("demo: %d probe(s) did not match", mismatches), downErr)
 	}
 	fmt.Fprintln(w, "\ndemo: every scenario matched; lab torn down")
+	if downErr != nil {
+		return downErr
+	}
+	if opts.Kube {
+		fmt.Fprintln(w, "demo: the waypoint scenarios need a lab without --kube; skipped")
+		return nil
+	}
+	return WaypointDemo(ctx, name, opts, w)
+}
+
+// WaypointDemo brings up the waypoint lab (WaypointSpec, IPv4), runs RunWaypointDemo,
+// and tears it down.
+func WaypointDemo(ctx context.Context, name string, opts Options, w io.Writer) error {
+	spec := WaypointSpec()
+	if name != "" {
+		spec.Name = name + "wp"
+	}
+	if err := CheckName(spec.Name); err != nil {
+		return err
+	}
+	opts.Log = w
+	_ = Down(spec.Name, opts)
+	fmt.Fprintln(w, "\ndemo: the waypoint lab: bookinfo and istio-servicea use a waypoint (istio.io/use-waypoint)")
+	l, err := Up(ctx, spec, opts)
+	if err != nil {
+		return errors.Join(err, Down(spec.Name, opts))
+	}
+	fmt.Fprint(w, l.Status())
+	mismatches, runErr := RunWaypointDemo(ctx, l, w)
+	if runErr == nil {
+		var n int
+		n, runErr = RunWaypointDemoIstio(ctx, l, w)
+		mismatches += n
+	}
+	if mismatches > 0 || runErr != nil {
+		fmt.Fprintf(w, "\nlogs of the lab's processes before teardown: %s\n", l.path("logs"))
+		for _, f := range []string{"agent-node-1", "agent-node-2", "controller", "waypoint-bookinfo-waypoint"} {
+			if b, err := os.ReadFile(l.path("logs", f+".log")); err == nil {
+				if len(b) > 3000 {
+					b = b[len(b)-3000:]
+				}
+				fmt.Fprintf(w, "--- %s (last lines)\n%s\n", f, b)
+			}
+		}
+	}
+	downErr := Down(spec.Name, opts)
+	if runErr != nil {
+		return errors.Join(runErr, downErr)
+	}
+	if mismatches > 0 {
+		return errors.Join(fmt.Errorf("demo: %d waypoint probe(s) did not match", mismatches), downErr)
+	}
+	fmt.Fprintln(w, "\ndemo: every waypoint scenario matched; lab torn down")
 	return downErr
 }

@@ -164,13 +164,13 @@ func veilRBAC() ([]*unstructured.Unstructured, error) {
 // of veil-agent bound to that pod, for audience istio-ca, as the kubelet projects it.
 func (l *Lab) kubeAgent(ctx context.Context, node string) error {
 	ns, sa, _ := strings.Cut(agentSA, "/")
-	ip, image := l.Spec.NodeIP(node).String(), "veil/veil-agent:dev"
+	ips, image := l.Spec.NodeIPs(node), "veil/veil-agent:dev"
 	pod, err := yaml.Marshal(map[string]any{
 		"apiVersion": "v1", "kind": "Pod",
 		"metadata": map[string]any{"name": "veil-agent-" + node, "namespace": ns, "labels": map[string]any{"app": "veil-agent"}},
 		"spec": map[string]any{"serviceAccountName": sa, "nodeName": node, "hostNetwork": true,
 			"containers": []any{map[string]any{"name": "agent", "image": image}}},
-		"status": runningStatus(ip, ip, "agent", image),
+		"status": runningStatus(ips, ips, "agent", image),
 	})
 	if err != nil {
 		return err

@@ -21,8 +21,9 @@ import (
 	"k8s.io/client-go/tools/clientcmd"
 )
 
-// kubeLab makes upLab's lab a kube lab: its cluster in a real API server.
-func kubeLab(_ *Spec, o *Options) { o.Kube = true }
+// kubeLab makes upLab's lab a kube lab: its cluster in a real API server, IPv4 only
+// (the API server's Service range is).
+func kubeLab(s *Spec, o *Options) { o.Kube, s.Family = true, FamilyIPv4 }
 
 // TestKubeLab runs `make demo`'s scenarios on a lab whose controller reads a real
 // kube-apiserver (the policies are objects of the API server), shows that node

@@ -10,6 +10,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -45,6 +46,8 @@ type Options struct {
 	Kube bool
 	// AgentArgs are appended to every agent's command line that this Lab value starts.
 	AgentArgs []string
+	// WaypointArgs are appended to every waypoint's command line.
+	WaypointArgs []string
 }
 
 func (o Options) withDefaults() Options {
@@ -95,10 +98,20 @@ func Up(ctx context.Context, spec *Spec, opts Options) (*Lab, error) {
 	if err := spec.validate(); err != nil {
 		return nil, err
 	}
+	if err := checkFamilies(spec, opts); err != nil {
+		return nil, err
+	}
 	if os.Geteuid() != 0 {
 		return nil, errors.New("lab: needs root (network namespaces, eBPF, bpffs): run it with sudo, e.g. `sudo make demo`")
 	}
-	for _, bin := range []string{"veil-controller", "veil-agent", "veilctl"} {
+	bins := []string{"veil-controller", "veil-agent", "veilctl"}
+	if len(spec.waypointPods()) > 0 {
+		if opts.Kube {
+			return nil, errors.New("lab: waypoint pods are not supported with --kube yet (the lab's kube mode runs no kubelet to run them)")
+		}
+		bins = append(bins, "veil-waypoint")
+	}
+	for _, bin := range bins {
 		if _, err := os.Stat(filepath.Join(opts.BinDir, bin)); err != nil {
 			return nil, fmt.Errorf("lab: %s not found in %s: run `make build` (or pass the directory that holds it)", bin, opts.BinDir)
 		}
@@ -152,6 +165,17 @@ func (l *Lab) up(ctx context.Context) error {
 		}
 	} else if err := l.writeTokens(); err != nil {
 		return err
+	} else if err := l.writeWorkloadTokens(); err != nil {
+		return err
+	}
+	if len(l.Spec.waypointPods()) > 0 {
+		l.logf("lab %s: starting the token issuer (JWKS at %s)", l.Spec.Name, l.JWKSURI())
+		if err := l.writeJWKS(); err != nil {
+			return err
+		}
+		if err := l.startJWKS(ctx); err != nil {
+			return err
+		}
 	}
 	l.logf("lab %s: starting the controller", l.Spec.Name)
 	if err := l.startController(ctx); err != nil {
@@ -165,7 +189,16 @@ func (l *Lab) up(ctx context.Context) error {
 	}
 	l.logf("lab %s: starting the applications", l.Spec.Name)
 	for i := range l.Spec.Pods {
+		if l.Spec.Pods[i].Waypoint != "" {
+			continue
+		}
 		if err := l.startApp(ctx, &l.Spec.Pods[i]); err != nil {
+			return err
+		}
+	}
+	for _, p := range l.Spec.waypointPods() {
+		l.logf("lab %s: starting the waypoint %s/%s", l.Spec.Name, p.Namespace, p.Waypoint)
+		if err := l.startWaypoint(ctx, p); err != nil {
 			return err
 		}
 	}
@@ -173,88 +206,124 @@ func (l *Lab) up(ctx context.Context) error {
 }
 
 // buildNetwork creates the fabric (a bridge), the nodes and the pods, with the routes a
-// routed CNI would install.
+// routed CNI would install, in each of the lab's IP families.
 func (l *Lab) buildNetwork() error {
 	s := l.Spec
 	fab := l.fabricNS()
-	cmds := [][]string{
-		{"ip", "netns", "add", fab},
-		{"ip", "-n", fab, "link", "set", "lo", "up"},
-		{"ip", "-n", fab, "link", "add", "br0", "type", "bridge"},
-		{"ip", "-n", fab, "addr", "add", ControllerIP().String() + "/24", "dev", "br0"},
-		{"ip", "-n", fab, "link", "set", "br0", "up"},
+	cmds := [][]string{{"ip", "netns", "add", fab}}
+	cmds = append(cmds, s.netnsSysctls(fab, false)...)
+	// No multicast snooping on the bridges: with no MLD querier, it could drop the
+	// neighbour solicitations IPv6 needs.
+	cmds = append(cmds,
+		[]string{"ip", "-n", fab, "link", "set", "lo", "up"},
+		[]string{"ip", "-n", fab, "link", "add", "br0", "type", "bridge", "mcast_snooping", "0"})
+	for _, a := range s.addrsOf(ControllerIP()) {
+		cmds = append(cmds, addrAdd(fab, a, prefixLen(a), "br0"))
 	}
+	cmds = append(cmds, []string{"ip", "-n", fab, "link", "set", "br0", "up"})
 	if l.opts.Kube {
 		cmds = append(cmds, []string{"ip", "-n", fab, "addr", "add", APIServerIP().String() + "/24", "dev", "br0"})
 	}
 	for i, node := range s.Nodes {
 		ns := l.nodeNS(node)
 		fabDev := fmt.Sprintf("n%d", i)
+		cmds = append(cmds, []string{"ip", "netns", "add", ns})
+		cmds = append(cmds, s.netnsSysctls(ns, true)...)
 		cmds = append(cmds,
-			[]string{"ip", "netns", "add", ns},
 			[]string{"ip", "-n", ns, "link", "set", "lo", "up"},
 			[]string{"ip", "link", "add", fabDev, "netns", fab, "type", "veth", "peer", "name", "eth0", "netns", ns},
-			[]string{"ip", "-n", fab, "link", "set", fabDev, "master", "br0", "up"},
-			[]string{"ip", "-n", ns, "addr", "add", s.NodeIP(node).String() + "/24", "dev", "eth0"},
-			[]string{"ip", "-n", ns, "link", "set", "eth0", "up"},
-			[]string{"ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"},
-		)
+			[]string{"ip", "-n", fab, "link", "set", fabDev, "master", "br0", "up"})
+		for _, a := range s.NodeIPs(node) {
+			cmds = append(cmds, addrAdd(ns, a, prefixLen(a), "eth0"))
+		}
+		cmds = append(cmds, []string{"ip", "-n", ns, "link", "set", "eth0", "up"})
 		switch s.Network {
 		case NetworkBridge:
-			// cni0 holds the gateway; the node's pods share its /24.
-			cmds = append(cmds,
-				[]string{"ip", "-n", ns, "link", "add", "cni0", "type", "bridge"},
-				[]string{"ip", "-n", ns, "addr", "add", s.gateway(node).String() + "/24", "dev", "cni0"},
-				[]string{"ip", "-n", ns, "link", "set", "cni0", "up"})
+			// cni0 holds the gateway; the node's pods share its /24 (and /64).
+			cmds = append(cmds, []string{"ip", "-n", ns, "link", "add", "cni0", "type", "bridge", "mcast_snooping", "0"})
+			for _, a := range s.addrsOf(s.gateway(node)) {
+				cmds = append(cmds, addrAdd(ns, a, prefixLen(a), "cni0"))
+			}
+			cmds = append(cmds, []string{"ip", "-n", ns, "link", "set", "cni0", "up"})
 		case NetworkOverlay:
-			// vxlan0 carries pod traffic between nodes, encapsulated on the fabric.
-			cmds = append(cmds,
-				[]string{"ip", "-n", ns, "link", "add", "vxlan0", "type", "vxlan", "id", "42", "dstport", "4789",
-					"local", s.NodeIP(node).String(), "dev", "eth0", "nolearning"},
-				[]string{"ip", "-n", ns, "addr", "add", s.overlayIP(node).String() + "/24", "dev", "vxlan0"},
-				[]string{"ip", "-n", ns, "link", "set", "vxlan0", "up"})
+			// vxlan0 carries pod traffic between nodes, encapsulated on the fabric (over
+			// the nodes' primary family; the inner packets are of either).
+			cmds = append(cmds, []string{"ip", "-n", ns, "link", "add", "vxlan0", "type", "vxlan", "id", "42", "dstport", "4789",
+				"local", s.NodeIP(node).String(), "dev", "eth0", "nolearning"})
+			for _, a := range s.overlayIPs(node) {
+				cmds = append(cmds, addrAdd(ns, a, prefixLen(a), "vxlan0"))
+			}
+			cmds = append(cmds, []string{"ip", "-n", ns, "link", "set", "vxlan0", "up"})
 		}
 		for _, other := range s.Nodes {
 			if other == node {
 				continue
 			}
-			cidr := s.gateway(other).Prev().String() + "/24" // 10.100.j.0/24
-			via := s.NodeIP(other).String()
 			if s.Network == NetworkOverlay {
-				via = s.overlayIP(other).String()
 				cmds = append(cmds, []string{"bridge", "-n", ns, "fdb", "append", "00:00:00:00:00:00", "dev", "vxlan0", "dst", s.NodeIP(other).String()})
 			}
-			cmds = append(cmds, []string{"ip", "-n", ns, "route", "add", cidr, "via", via})
+			vias := s.NodeIPs(other)
+			if s.Network == NetworkOverlay {
+				vias = s.overlayIPs(other)
+			}
+			for _, via := range vias {
+				// The other node's pod range: 10.100.j.0/24, fd00:100:j::/64.
+				gw, _ := inFamily(s.addrsOf(s.gateway(other)), familyOf(via))
+				cidr := netip.PrefixFrom(gw, prefixLen(gw)).Masked().String()
+				cmds = append(cmds, []string{"ip", "-n", ns, "route", "add", cidr, "via", via.String()})
+			}
 		}
 	}
+	cmds = append(cmds, l.fabricPodRoutes()...)
 	podOnNode := map[string]int{}
 	for i := range s.Pods {
 		p := &s.Pods[i]
 		ns, node := l.podNS(p), l.nodeNS(p.Node)
 		hostDev := fmt.Sprintf("vp%d", podOnNode[p.Node])
 		podOnNode[p.Node]++
-		ip, gw := s.PodIP(p).String(), s.gateway(p.Node).String()
+		cmds = append(cmds, []string{"ip", "netns", "add", ns})
+		cmds = append(cmds, s.netnsSysctls(ns, false)...)
 		cmds = append(cmds,
-			[]string{"ip", "netns", "add", ns},
 			[]string{"ip", "-n", ns, "link", "set", "lo", "up"},
 			[]string{"ip", "link", "add", hostDev, "netns", node, "type", "veth", "peer", "name", "eth0", "netns", ns})
 		if s.Network == NetworkBridge {
-			cmds = append(cmds,
-				[]string{"ip", "-n", ns, "addr", "add", ip + "/24", "dev", "eth0"},
-				[]string{"ip", "-n", ns, "link", "set", "eth0", "up"},
-				[]string{"ip", "-n", ns, "route", "add", "default", "via", gw},
-				[]string{"ip", "-n", node, "link", "set", hostDev, "master", "cni0", "up"})
+			for _, a := range s.PodIPs(p) {
+				cmds = append(cmds, addrAdd(ns, a, prefixLen(a), "eth0"))
+			}
+			cmds = append(cmds, []string{"ip", "-n", ns, "link", "set", "eth0", "up"})
+			if s.has4() {
+				cmds = append(cmds, []string{"ip", "-n", ns, "route", "add", "default", "via", s.gateway(p.Node).String()})
+			}
+			if s.has6() {
+				cmds = append(cmds, []string{"ip", "-n", ns, "-6", "route", "add", "default", "via", s.gateway6(p.Node).String()})
+			}
+			cmds = append(cmds, []string{"ip", "-n", node, "link", "set", hostDev, "master", "cni0", "up"})
 			continue
 		}
-		cmds = append(cmds,
-			[]string{"ip", "-n", ns, "addr", "add", ip + "/32", "dev", "eth0"},
-			[]string{"ip", "-n", ns, "link", "set", "eth0", "up"},
-			[]string{"ip", "-n", ns, "route", "add", gw, "dev", "eth0"},
-			[]string{"ip", "-n", ns, "route", "add", "default", "via", gw},
-			[]string{"ip", "-n", node, "addr", "add", gw + "/32", "dev", hostDev},
-			[]string{"ip", "-n", node, "link", "set", hostDev, "up"},
-			[]string{"ip", "-n", node, "route", "add", ip + "/32", "dev", hostDev},
-		)
+		// Routed: the pod's address is a host route behind its veth. IPv4 reaches the
+		// node through a /32 gateway on the node side of every veth; IPv6 through a
+		// link-local one (fe80::1), as a routed CNI's IPv6 does.
+		for _, a := range s.PodIPs(p) {
+			cmds = append(cmds, addrAdd(ns, a, a.BitLen(), "eth0"))
+		}
+		cmds = append(cmds, []string{"ip", "-n", ns, "link", "set", "eth0", "up"})
+		if s.has4() {
+			gw := s.gateway(p.Node).String()
+			cmds = append(cmds,
+				[]string{"ip", "-n", ns, "route", "add", gw, "dev", "eth0"},
+				[]string{"ip", "-n", ns, "route", "add", "default", "via", gw},
+				[]string{"ip", "-n", node, "addr", "add", gw + "/32", "dev", hostDev})
+		}
+		if s.has6() {
+			gw := s.gateway6(p.Node)
+			cmds = append(cmds,
+				[]string{"ip", "-n", ns, "-6", "route", "add", "default", "via", gw.String(), "dev", "eth0"},
+				addrAdd(node, gw, 64, hostDev))
+		}
+		cmds = append(cmds, []string{"ip", "-n", node, "link", "set", hostDev, "up"})
+		for _, a := range s.PodIPs(p) {
+			cmds = append(cmds, []string{"ip", "-n", node, "route", "add", hostLen(a), "dev", hostDev})
+		}
 	}
 	for _, c := range cmds {
 		if err := sh(c...); err != nil {
@@ -304,11 +373,13 @@ func (l *Lab) bin(name string) string { return filepath.Join(l.opts.BinDir, name
 // and the nodes' bootstrap tokens, or in a kube lab the API server, with TokenReview.
 func (l *Lab) startController(ctx context.Context) error {
 	argv := []string{l.bin("veil-controller"), "--ca-dir", l.path("ca"),
-		"--listen", net.JoinHostPort(ControllerIP().String(), "15012"), "--server-name", "veil-controller"}
+		"--listen", net.JoinHostPort(l.Spec.controllerIP().String(), "15012"), "--server-name", "veil-controller"}
 	if l.kube != nil {
-		argv = append(argv, "--kubeconfig", l.controllerKubeconfig(), "--agent-service-account", agentSA)
+		// The lab runs no kubelet: the waypoints it declares are its own, not deployed.
+		argv = append(argv, "--kubeconfig", l.controllerKubeconfig(), "--agent-service-account", agentSA, "--waypoint-deploy=false")
 	} else {
-		argv = append(argv, "--node-tokens", l.path("tokens.yaml"), "--config-dir", l.ConfigDir())
+		argv = append(argv, "--node-tokens", l.path("tokens.yaml"), "--config-dir", l.ConfigDir(),
+			"--workload-tokens", l.path("workload-tokens.yaml"))
 	}
 	if err := l.start("controller", l.fabricNS(), argv...); err != nil {
 		return err
@@ -317,7 +388,7 @@ func (l *Lab) startController(ctx context.Context) error {
 		if _, err := os.Stat(l.path("ca", identity.RootCertFile)); err != nil {
 			return err
 		}
-		c, err := dialIn(ctx, l.fabricNS(), net.JoinHostPort(ControllerIP().String(), "15012"))
+		c, err := dialIn(ctx, l.fabricNS(), net.JoinHostPort(l.Spec.controllerIP().String(), "15012"))
 		if err == nil {
 			c.Close()
 		}
@@ -348,7 +419,7 @@ func (l *Lab) StartAgentCached(ctx context.Context, node string) error {
 func (l *Lab) startAgent(ctx context.Context, node string, cached bool) error {
 	argv := []string{l.bin("veil-agent"),
 		"--node", node, "--config-cache", l.path("cache", node+".config"),
-		"--ca-addr", net.JoinHostPort(ControllerIP().String(), "15012"), "--ca-server-name", "veil-controller",
+		"--ca-addr", net.JoinHostPort(l.Spec.controllerIP().String(), "15012"), "--ca-server-name", "veil-controller",
 		"--ca-root", l.path("ca", identity.RootCertFile), "--token-file", l.path("tokens", node),
 		"--uplink", "eth0", "--pin-dir", l.path("bpffs", node),
 		"--handover-dir", l.path("run", node), "--drain-grace", AgentDrainGrace.String(),
@@ -464,13 +535,15 @@ func (l *Lab) startApp(ctx context.Context, p *PodSpec) error {
 	if err := l.start("app-"+p.Namespace+"-"+p.Name, l.podNS(p), argv...); err != nil {
 		return err
 	}
-	addr := net.JoinHostPort(l.Spec.PodIP(p).String(), strconv.Itoa(int(p.Ports[0])))
 	return l.waitFor(ctx, "the application of "+p.Name, func(ctx context.Context) error {
-		c, err := dialIn(ctx, l.podNS(p), addr)
-		if err == nil {
+		for _, ip := range l.Spec.PodIPs(p) { // each family
+			c, err := dialIn(ctx, l.podNS(p), net.JoinHostPort(ip.String(), strconv.Itoa(int(p.Ports[0]))))
+			if err != nil {
+				return err
+			}
 			c.Close()
 		}
-		return err
+		return nil
 	}, "app-"+p.Namespace+"-"+p.Name)
 }
 
@@ -628,16 +701,20 @@ func (l *Lab) Status() string {
 		b.WriteString(l.kubeStatus())
 	}
 	for _, node := range l.Spec.sortedNodes() {
-		fmt.Fprintf(&b, "node %s %s\n", node, l.Spec.NodeIP(node))
+		fmt.Fprintf(&b, "node %s %s\n", node, joinAddrs(l.Spec.NodeIPs(node)))
 		for i := range l.Spec.Pods {
 			p := &l.Spec.Pods[i]
 			if p.Node == node {
-				fmt.Fprintf(&b, "  pod %-24s %s ports %v\n", p.Namespace+"/"+p.Name, l.Spec.PodIP(p), p.Ports)
+				fmt.Fprintf(&b, "  pod %-24s %s ports %v\n", p.Namespace+"/"+p.Name, joinAddrs(l.Spec.PodIPs(p)), p.Ports)
 			}
 		}
 	}
 	for i, svc := range l.Spec.Services {
-		fmt.Fprintf(&b, "service %s/%s %s:%d\n", svc.Namespace, svc.Name, l.Spec.ServiceIP(i), svc.Port)
+		var vips []string
+		for _, a := range l.Spec.ServiceIPs(i) {
+			vips = append(vips, net.JoinHostPort(a.String(), strconv.Itoa(int(svc.Port))))
+		}
+		fmt.Fprintf(&b, "service %s/%s %s\n", svc.Namespace, svc.Name, strings.Join(vips, " "))
 	}
 	return b.String()
 }

@@ -57,8 +57,10 @@ func requireRoot(t *testing.T) {
 	}
 }
 
-// upLab brings up the default lab under a random name, changed by each of with (kubeLab:
-// a kube lab; withNetwork), and takes it down when the test ends.
+// upLab brings up the default lab under a random name, dual-stack, changed by each of
+// with (kubeLab: a kube lab; withNetwork; withFamily), and takes it down when the test
+// ends. Dual-stack, so that every end-to-end test runs over IPv4 and IPv6 (want and
+// eventually check each family) in one lab.
 func upLab(t *testing.T, with ...func(*Spec, *Options)) *Lab {
 	t.Helper()
 	requireRoot(t)
@@ -66,6 +68,7 @@ func upLab(t *testing.T, with ...func(*Spec, *Options)) *Lab {
 	b := make([]byte, 3)
 	rand.Read(b)
 	spec.Name = "t" + hex.EncodeToString(b)
+	spec.Family = FamilyDual
 	var log bytes.Buffer
 	opts := Options{BinDir: binDir, StateRoot: t.TempDir(), Log: &log}
 	for _, f := range with {
@@ -107,18 +110,23 @@ func upLab(t *testing.T, with ...func(*Spec, *Options)) *Lab {
 	return l
 }
 
+// want makes a request from a pod to a target in each of the lab's families and fails
+// the test unless each gets want.
 func (l *Lab) want(t *testing.T, from, to, want string) {
 	t.Helper()
-	addr, err := l.target(to)
+	addrs, err := l.targets(to)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := l.Request(context.Background(), from, addr); got.Result != want {
-		t.Fatalf("%s -> %s: %s %q, want %s", from, to, got.Result, got.Body, want)
+	for _, addr := range addrs {
+		if got := l.Request(context.Background(), from, addr); got.Result != want {
+			t.Fatalf("%s -> %s (%s): %s %q, want %s", from, to, addr, got.Result, got.Body, want)
+		}
 	}
 }
 
-// TestDemoScenarios runs every scenario of `make demo` on a fresh lab.
+// TestDemoScenarios runs every scenario of `make demo` on a fresh dual-stack lab, each
+// probe over IPv4 and over IPv6.
 func TestDemoScenarios(t *testing.T) {
 	l := upLab(t)
 	var out bytes.Buffer
@@ -127,6 +135,11 @@ func TestDemoScenarios(t *testing.T) {
 	if err != nil || mismatches != 0 {
 		t.Fatalf("demo: %d mismatches, %v", mismatches, err)
 	}
+
+	// Dual-stack: every path keeps the client's address in its own family, and the
+	// config stream carries both addresses of a pod.
+	sourcesPreserved(t, l)
+	bothAddresses(t, l)
 
 	// The operator commands, as an operator runs them against this lab.
 	strict, _ := demoPolicies.ReadFile("demo/peer-auth-ratings-port-level.yaml")
@@ -304,27 +317,38 @@ func (l *Lab) applyStrict(t *testing.T) {
 }
 
 // eventually repeats a request from a pod to a target every interval until it gets want,
-// and fails the test with why after limit.
+// in each of the lab's families, and fails the test with why after limit.
 func (l *Lab) eventually(t *testing.T, from, to, want string, limit, interval time.Duration, why string) {
 	t.Helper()
-	target := l.mustTarget(t, to)
-	for deadline := time.Now().Add(limit); l.Request(context.Background(), from, target).Result != want; time.Sleep(interval) {
-		if time.Now().After(deadline) {
-			t.Fatal(why)
+	deadline := time.Now().Add(limit)
+	for _, target := range l.mustTargets(t, to) {
+		for l.Request(context.Background(), from, target).Result != want {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s (%s -> %s)", why, from, target)
+			}
+			time.Sleep(interval)
 		}
 	}
 }
 
 func (l *Lab) mustTarget(t *testing.T, to string) string {
 	t.Helper()
-	a, err := l.target(to)
+	return l.mustTargets(t, to)[0]
+}
+
+// mustTargets is targets, failing the test on an error: an address per family.
+func (l *Lab) mustTargets(t *testing.T, to string) []string {
+	t.Helper()
+	all, err := l.targets(to)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, _, err := net.SplitHostPort(a); err != nil {
-		t.Fatal(err)
+	for _, a := range all {
+		if _, _, err := net.SplitHostPort(a); err != nil {
+			t.Fatal(err)
+		}
 	}
-	return a
+	return all
 }
 
 // TestRollingAgentRestarts: agents replaced as a DaemonSet rolling update replaces them
@@ -393,32 +417,37 @@ type traffic struct {
 }
 
 // crossTraffic sends requests from each pair's pod to its target ("pod:port"), one after
-// another per pair, until stop.
+// another per pair and IP family of the lab, until stop.
 func crossTraffic(t *testing.T, l *Lab, pairs [][2]string) *traffic {
 	t.Helper()
 	tr := &traffic{done: make(chan struct{})}
 	for _, p := range pairs {
-		from, to := p[0], p[1]
-		target := l.mustTarget(t, to)
-		tr.wg.Add(1)
-		go func() {
-			defer tr.wg.Done()
-			for {
-				select {
-				case <-tr.done:
-					return
-				default:
-				}
-				got := l.Request(context.Background(), from, target)
-				tr.total.Add(1)
-				if got.Result != "200" {
-					tr.failed.Add(1)
-					tr.first.CompareAndSwap(nil, fmt.Sprintf("%s: %s -> %s: %s %q", time.Now().Format(time.TimeOnly), from, to, got.Result, got.Body))
-				}
-			}
-		}()
+		for _, target := range l.mustTargets(t, p[1]) {
+			tr.run(l, p[0], target)
+		}
 	}
 	return tr
+}
+
+// run sends requests from a pod to target, one after another, until stop.
+func (tr *traffic) run(l *Lab, from, target string) {
+	tr.wg.Add(1)
+	go func() {
+		defer tr.wg.Done()
+		for {
+			select {
+			case <-tr.done:
+				return
+			default:
+			}
+			got := l.Request(context.Background(), from, target)
+			tr.total.Add(1)
+			if got.Result != "200" {
+				tr.failed.Add(1)
+				tr.first.CompareAndSwap(nil, fmt.Sprintf("%s: %s -> %s: %s %q", time.Now().Format(time.TimeOnly), from, target, got.Result, got.Body))
+			}
+		}
+	}()
 }
 
 // stop ends the requests and waits for them; it may be called again.
@@ -527,13 +556,31 @@ func TestKillNineNeverLeaksPlaintext(t *testing.T) {
 	marker := []byte("veil-marker-7f3a")
 	count, stop := sniffFabric(t, l, marker)
 	defer stop()
-	target := l.mustTarget(t, "reviews:9080")
-	sent, stopTraffic := markedTraffic(l, "bookinfo/frontend", target, marker)
-	defer stopTraffic()
+	// Marked traffic in each IP family, side by side.
+	targets := l.mustTargets(t, "reviews:9080")
+	sent := make([]*atomic.Int64, len(targets))
+	stops := make([]func(), len(targets))
+	for i, target := range targets {
+		sent[i], stops[i] = markedTraffic(l, "bookinfo/frontend", target, marker)
+		defer stops[i]()
+	}
+	stopTraffic := func() {
+		for _, stop := range stops {
+			stop()
+		}
+	}
+	answered := func() (n int64) {
+		for _, s := range sent {
+			n += s.Load()
+		}
+		return n
+	}
 	for i := 0; i < 5; i++ {
 		for _, node := range []string{"node-1", "node-2"} {
-			// Marked traffic flows before each kill.
-			waitAnswered(t, sent, 20, 10*time.Second, fmt.Sprintf("cycle %d, %s: marked requests stopped flowing", i, node))
+			// Marked traffic flows before each kill, in every family.
+			for j, target := range targets {
+				waitAnswered(t, sent[j], 20, 10*time.Second, fmt.Sprintf("cycle %d, %s: marked requests to %s stopped flowing", i, node, target))
+			}
 			if err := l.RestartAgent(ctx, node, true); err != nil {
 				t.Fatal(err)
 			}
@@ -543,20 +590,25 @@ func TestKillNineNeverLeaksPlaintext(t *testing.T) {
 	stopTraffic()
 	time.Sleep(200 * time.Millisecond)
 	if n := count(); n != 0 {
-		t.Fatalf("%d frames on the fabric carried the marker in plaintext (of %d requests answered)", n, sent.Load())
+		t.Fatalf("%d frames on the fabric carried the marker in plaintext (of %d requests answered)", n, answered())
 	}
-	if sent.Load() == 0 {
-		t.Fatal("no marked request got through at all")
+	// The positive control, in each family: plaintext from outside the mesh shows on the
+	// fabric.
+	for j, target := range targets {
+		if sent[j].Load() == 0 {
+			t.Fatalf("no marked request to %s got through at all", target)
+		}
+		before := count()
+		if !markedRequest(ctx, l, "legacy/sleep", target, marker) {
+			t.Fatalf("legacy/sleep -> reviews (%s): no 200", target)
+		}
+		time.Sleep(200 * time.Millisecond)
+		if count() == before {
+			t.Fatalf("the sniffer saw nothing of a plaintext request to %s: it does not work", target)
+		}
+		t.Logf("%d marked requests to %s through 10 kill -9 restarts", sent[j].Load(), target)
 	}
-	// The positive control: plaintext from outside the mesh shows on the fabric.
-	if !markedRequest(ctx, l, "legacy/sleep", target, marker) {
-		t.Fatal("legacy/sleep -> reviews: no 200")
-	}
-	time.Sleep(200 * time.Millisecond)
-	if count() == 0 {
-		t.Fatal("the sniffer saw nothing of a plaintext request: it does not work")
-	}
-	t.Logf("%d marked requests through 10 kill -9 restarts: 0 frames of plaintext on the fabric", sent.Load())
+	t.Logf("%d marked requests through 10 kill -9 restarts: 0 frames of plaintext on the fabric", answered())
 }
 
 // procStats reads a process's resident memory (kB) and open descriptors.

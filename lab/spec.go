@@ -10,15 +10,23 @@ import (
 	"sort"
 	"strings"
 
+	"github.com/veilmesh/veil/internal/cluster"
 	"sigs.k8s.io/yaml"
 )
 
 // Spec describes a lab: nodes, namespaces, pods and services. Addresses are assigned by
 // the lab: node i is 10.99.0.(i+1) on the fabric, its pods 10.100.(i+1).(10+k), services
-// 10.96.0.(10+n). Network chooses how pods are wired, after the common CNIs.
+// 10.96.0.(10+n); with IPv6, fd00:99::(i+1), fd00:100:(i+1)::(10+k) and fd00:96::(10+n)
+// (the same digits). Network chooses how pods are wired, after the common CNIs; Family
+// which IP families they have.
 type Spec struct {
 	Name  string   `json:"name"`
 	Nodes []string `json:"nodes"`
+	// Family is the lab's IP families: "ipv4" (the default, also when empty), "ipv6"
+	// (IPv6 only: nodes, pods, Services and the controller), or "dual" (each node, pod
+	// and Service has an IPv4 and an IPv6 address, IPv4 first, as a dual-stack routed
+	// CNI and kube-apiserver give them; the fabric carries both).
+	Family string `json:"family,omitempty"`
 	// Network is the pods' wiring:
 	//   - "routed" (the default), as kindnet or Calico: each pod a /32 behind its own veth,
 	//     a host route per pod, nodes routed to each other over the fabric;
@@ -46,6 +54,11 @@ type PodSpec struct {
 	Node           string            `json:"node"`
 	Labels         map[string]string `json:"labels,omitempty"`
 	Ports          []uint16          `json:"ports,omitempty"`
+	// Waypoint, when set, makes the pod a waypoint: it runs veil-waypoint for the
+	// Gateway of that name (class istio-waypoint), which the lab also declares, with
+	// istio.io/waypoint-for WaypointFor (default service).
+	Waypoint    string `json:"waypoint,omitempty"`
+	WaypointFor string `json:"waypointFor,omitempty"`
 }
 
 // ServiceSpec is a ClusterIP Service with one port.
@@ -55,6 +68,12 @@ type ServiceSpec struct {
 	Port       uint16            `json:"port"`
 	TargetPort uint16            `json:"targetPort,omitempty"`
 	Selector   map[string]string `json:"selector"`
+	// Labels are the Service's (istio.io/use-waypoint binds it to a waypoint).
+	Labels map[string]string `json:"labels,omitempty"`
+	// PortName and AppProtocol are the port's name and appProtocol: they tell a
+	// waypoint which protocol to parse (http, http2, ...; default TCP).
+	PortName    string `json:"portName,omitempty"`
+	AppProtocol string `json:"appProtocol,omitempty"`
 }
 
 //go:embed default.yaml
@@ -111,6 +130,11 @@ func (s *Spec) validate() error {
 	if err := CheckName(s.Name); err != nil {
 		errs = append(errs, fmt.Errorf("lab spec: %w", err))
 	}
+	switch s.Family {
+	case "", FamilyIPv4, FamilyIPv6, FamilyDual:
+	default:
+		bad("family: %q must be %s, %s or %s", s.Family, FamilyIPv4, FamilyIPv6, FamilyDual)
+	}
 	switch s.Network {
 	case "":
 		s.Network = NetworkRouted
@@ -158,6 +182,19 @@ func (s *Spec) validate() error {
 		if len(p.Ports) == 0 {
 			p.Ports = []uint16{9080}
 		}
+		if p.Waypoint != "" {
+			if !dnsLabel.MatchString(p.Waypoint) || p.Waypoint == cluster.WaypointForNone {
+				bad("pods[%d].waypoint: %q is not a DNS label, or is none", i, p.Waypoint)
+			}
+			switch p.WaypointFor {
+			case "", cluster.WaypointForService, cluster.WaypointForWorkload, cluster.WaypointForAll, cluster.WaypointForNone:
+			default:
+				bad("pods[%d].waypointFor: %q must be service, workload, all or none", i, p.WaypointFor)
+			}
+			waypointLabels(p)
+		} else if p.WaypointFor != "" {
+			bad("pods[%d].waypointFor: only a waypoint pod (waypoint: NAME) takes it", i)
+		}
 		for j, port := range p.Ports {
 			if port == 0 || port == 15001 || port == 15006 || port == 15008 {
 				bad("pods[%d].ports[%d]: %d is not usable (0 or an agent port)", i, j, port)
@@ -193,10 +230,13 @@ const (
 	NetworkOverlay = "overlay"
 )
 
-// overlayIP is a node's address on the overlay (vxlan0).
+// overlayIP is a node's IPv4 address on the overlay (vxlan0); overlayIPs has all.
 func (s *Spec) overlayIP(node string) netip.Addr {
 	return netip.AddrFrom4([4]byte{10, 98, 0, byte(s.nodeIndex(node) + 1)})
 }
+
+// overlayIPs are a node's addresses on the overlay, one per family.
+func (s *Spec) overlayIPs(node string) []netip.Addr { return s.addrsOf(s.overlayIP(node)) }
 
 // nodeIndex is a node's position, from 0.
 func (s *Spec) nodeIndex(node string) int {
@@ -208,16 +248,21 @@ func (s *Spec) nodeIndex(node string) int {
 	return -1
 }
 
-// NodeIP is a node's fabric address.
-func (s *Spec) NodeIP(node string) netip.Addr {
+// NodeIP is a node's fabric address (its primary one; NodeIPs has all).
+func (s *Spec) NodeIP(node string) netip.Addr { return s.NodeIPs(node)[0] }
+
+func (s *Spec) nodeIP4(node string) netip.Addr {
 	return netip.AddrFrom4([4]byte{10, 99, 0, byte(s.nodeIndex(node) + 1)})
 }
 
-// ControllerIP is the controller's address on the fabric.
+// ControllerIP is the controller's IPv4 address on the fabric. An IPv6-only lab has
+// the controller at its IPv6 twin, fd00:99::254, instead.
 func ControllerIP() netip.Addr { return netip.MustParseAddr("10.99.0.254") }
 
-// PodIP is a pod's address.
-func (s *Spec) PodIP(p *PodSpec) netip.Addr {
+// PodIP is a pod's address (its primary one, status.podIP; PodIPs has all).
+func (s *Spec) PodIP(p *PodSpec) netip.Addr { return s.PodIPs(p)[0] }
+
+func (s *Spec) podIP4(p *PodSpec) netip.Addr {
 	k := 0
 	for i := range s.Pods {
 		if &s.Pods[i] == p {
@@ -230,13 +275,19 @@ func (s *Spec) PodIP(p *PodSpec) netip.Addr {
 	return netip.AddrFrom4([4]byte{10, 100, byte(s.nodeIndex(p.Node) + 1), byte(10 + k)})
 }
 
-// gateway is the node-side address pods on node use as their next hop.
+// gateway is the node-side IPv4 address pods on node use as their next hop (gateway6
+// is the IPv6 one).
 func (s *Spec) gateway(node string) netip.Addr {
 	return netip.AddrFrom4([4]byte{10, 100, byte(s.nodeIndex(node) + 1), 1})
 }
 
-// ServiceIP is a Service's ClusterIP.
-func (s *Spec) ServiceIP(i int) netip.Addr { return netip.AddrFrom4([4]byte{10, 96, 0, byte(10 + i)}) }
+// ServiceIP is a Service's ClusterIP (its primary one, spec.clusterIP; ServiceIPs has
+// all).
+func (s *Spec) ServiceIP(i int) netip.Addr { return s.ServiceIPs(i)[0] }
+
+func (s *Spec) serviceIP4(i int) netip.Addr {
+	return netip.AddrFrom4([4]byte{10, 96, 0, byte(10 + i)})
+}
 
 // Pod finds a pod by "namespace/name", or by name when it is unique.
 func (s *Spec) Pod(ref string) (*PodSpec, error) {
@@ -290,21 +341,44 @@ func (s *Spec) ClusterYAML() []byte {
 		for _, port := range p.Ports {
 			ports = append(ports, map[string]any{"containerPort": port})
 		}
-		ip, host := s.PodIP(p).String(), s.NodeIP(p.Node).String()
 		doc(map[string]any{
 			"apiVersion": "v1", "kind": "Pod",
 			"metadata": map[string]any{"name": p.Name, "namespace": p.Namespace, "labels": p.Labels},
 			"spec": map[string]any{"serviceAccountName": p.ServiceAccount, "nodeName": p.Node,
 				"containers": []map[string]any{{"name": "app", "image": labAppImage, "ports": ports}}},
-			"status": runningStatus(ip, host, "app", labAppImage),
+			"status": runningStatus(s.PodIPs(p), s.NodeIPs(p.Node), "app", labAppImage),
 		})
+		if p.Waypoint != "" {
+			doc(waypointGateway(p, s.PodIPs(p)))
+		}
 	}
 	for i, svc := range s.Services {
+		port := map[string]any{"port": svc.Port, "targetPort": svc.TargetPort}
+		if svc.PortName != "" {
+			port["name"] = svc.PortName
+		}
+		if svc.AppProtocol != "" {
+			port["appProtocol"] = svc.AppProtocol
+		}
+		spec := map[string]any{"clusterIP": s.ServiceIP(i).String(), "selector": svc.Selector,
+			"ports": []map[string]any{port}}
+		if s.has6() {
+			// As kube-apiserver fills them in: a VIP per family, the primary first.
+			var ips, fams []string
+			for _, a := range s.ServiceIPs(i) {
+				ips = append(ips, a.String())
+				fams = append(fams, map[bool]string{true: "IPv4", false: "IPv6"}[a.Is4()])
+			}
+			policy := "SingleStack"
+			if len(ips) > 1 {
+				policy = "RequireDualStack"
+			}
+			spec["clusterIPs"], spec["ipFamilies"], spec["ipFamilyPolicy"] = ips, fams, policy
+		}
 		doc(map[string]any{
 			"apiVersion": "v1", "kind": "Service",
-			"metadata": map[string]any{"name": svc.Name, "namespace": svc.Namespace},
-			"spec": map[string]any{"clusterIP": s.ServiceIP(i).String(), "selector": svc.Selector,
-				"ports": []map[string]any{{"port": svc.Port, "targetPort": svc.TargetPort}}},
+			"metadata": map[string]any{"name": svc.Name, "namespace": svc.Namespace, "labels": svc.Labels},
+			"spec":     spec,
 		})
 	}
 	return []byte(b.String())
@@ -313,11 +387,18 @@ func (s *Spec) ClusterYAML() []byte {
 // labAppImage names what a lab pod runs (`veilctl lab app`); no image is pulled.
 const labAppImage = "veilctl-lab-app"
 
-// runningStatus is the status of a running, ready pod at ip on the node at host, whose
-// one container runs image.
-func runningStatus(ip, host, container, image string) map[string]any {
+// runningStatus is the status of a running, ready pod at ips on the node at hosts (the
+// primary address first), whose one container runs image.
+func runningStatus(ips, hosts []netip.Addr, container, image string) map[string]any {
+	list := func(as []netip.Addr) []map[string]any {
+		var l []map[string]any
+		for _, a := range as {
+			l = append(l, map[string]any{"ip": a.String()})
+		}
+		return l
+	}
 	return map[string]any{"phase": "Running",
-		"podIP": ip, "podIPs": []map[string]any{{"ip": ip}}, "hostIP": host, "hostIPs": []map[string]any{{"ip": host}},
+		"podIP": ips[0].String(), "podIPs": list(ips), "hostIP": hosts[0].String(), "hostIPs": list(hosts),
 		"conditions": []map[string]any{{"type": "Ready", "status": "True"}},
 		"containerStatuses": []map[string]any{{"name": container, "image": image, "imageID": "", "ready": true,
 			"restartCount": 0, "started": true, "state": map[string]any{"running": map[string]any{}}}}}

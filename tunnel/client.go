@@ -159,7 +159,7 @@ func (p *Pool) Open(ctx context.Context, k Key, t Target) (*Stream, error) {
 	}
 	fields := []hpack.HeaderField{
 		{Name: ":method", Value: http.MethodConnect},
-		{Name: ":authority", Value: t.Authority.String()},
+		{Name: ":authority", Value: FormatAuthority(t.Authority)},
 		{Name: "forwarded", Value: fwd},
 		{Name: "traceparent", Value: newTraceparent()},
 	}

@@ -8,9 +8,18 @@ import (
 )
 
 // FormatForwarded returns the Forwarded header value (RFC 7239) that carries src:
-// for="192.0.2.1:4711" or for="[2001:db8::1]:4711".
+// for="192.0.2.1:4711" or for="[2001:db8::1]:4711". An IPv4-mapped address is written
+// as the IPv4 address it maps, and a zone is dropped (RFC 7239 §6 has no zones).
 func FormatForwarded(src netip.AddrPort) string {
-	return `for="` + src.String() + `"`
+	return `for="` + FormatAuthority(src) + `"`
+}
+
+// FormatAuthority returns ap as an HBONE CONNECT :authority (RFC 9113 §8.5, RFC 3986
+// §3.2.2): "192.0.2.1:15008", or "[2001:db8::1]:15008" with the IPv6 address in
+// brackets. An IPv4-mapped address is written as the IPv4 address it maps, as ztunnel
+// and the server compare it, and a zone is dropped: an authority carries none.
+func FormatAuthority(ap netip.AddrPort) string {
+	return netip.AddrPortFrom(ap.Addr().Unmap().WithZone(""), ap.Port()).String()
 }
 
 // ParseForwarded returns the address in the for= parameter of the first element of a

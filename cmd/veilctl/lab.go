@@ -17,11 +17,13 @@ import (
 const labUsage = `veilctl lab: a veil mesh in network namespaces on this machine (root).
 
   veilctl lab up [-f SPEC] [--name NAME] [--kube] [--network routed|bridge|overlay]
-                                            build the lab (default: Bookinfo, name "demo") and start
+                 [--family ipv4|ipv6|dual]  build the lab (default: Bookinfo, name "demo") and start
                                             a controller, an agent per node, an application per pod
                                             (--kube: the cluster lives in a real kube-apiserver, see below;
                                             --network: pods wired as a routed CNI (default), on a Linux
-                                            bridge (flannel's cni0), or routed with VXLAN between nodes)
+                                            bridge (flannel's cni0), or routed with VXLAN between nodes;
+                                            --family: IPv4 only (default), IPv6 only, or dual-stack:
+                                            every node, pod and Service has an IPv4 and an IPv6 address)
   veilctl lab status [--name NAME]          processes, nodes, pods, services and their addresses
   veilctl lab exec [--name NAME] POD -- CMD run CMD in a pod's network namespace (POD = ns/name or name)
   veilctl lab apply [--name NAME] -f FILE   add security.istio.io policies (validated first; in a
@@ -31,7 +33,9 @@ const labUsage = `veilctl lab: a veil mesh in network namespaces on this machine
                                             replace a node's agent as a DaemonSet rolling update does:
                                             the new one takes the listeners over, the old one drains
                                             (--kill: kill -9 the old one first, as a crash)
-  veilctl lab demo [--name NAME] [--kube]   up, run the Istio documentation's scenarios, down
+  veilctl lab demo [--name NAME] [--kube] [--family ipv4|ipv6|dual]
+                                            up, run the Istio documentation's scenarios, down (default
+                                            dual: every probe over IPv4, then over IPv6)
   veilctl lab down [--name NAME]            remove everything the lab created, even after a crash
 
 Binaries are taken from the directory of veilctl (make build puts them in bin/); --bin-dir overrides.
@@ -58,6 +62,7 @@ func labCmd(ctx context.Context, args []string, stdin io.Reader, stdout, stderr 
 	kill := fs.Bool("kill", false, "restart-agent: kill -9 the running agent first, as a crash")
 	kube := fs.Bool("kube", false, "up, demo: keep the cluster in a real Kubernetes API server (etcd + kube-apiserver)")
 	network := fs.String("network", "", "up: the pods' wiring, routed, bridge or overlay (default: the spec's, else routed)")
+	family := fs.String("family", "", "up, demo: the IP families, ipv4, ipv6 or dual (default for up: the spec's, else ipv4; for demo: dual)")
 	var listens multiFlag
 	if sub == "app" {
 		// veilctl lab app --name NS/POD --listen :9080 ...: the application the lab runs in pods.
@@ -69,6 +74,17 @@ func labCmd(ctx context.Context, args []string, stdin io.Reader, stdout, stderr 
 			return err
 		}
 		return lab.ServeApp(ctx, *pod, listens)
+	}
+	if sub == "jwks" {
+		// veilctl lab jwks --listen ADDR --file JWKS: the lab's token issuer.
+		fs = flag.NewFlagSet("veilctl lab jwks", flag.ContinueOnError)
+		fs.SetOutput(stderr)
+		listen := fs.String("listen", "", "address to serve on")
+		jwks := fs.String("file", "", "the JWKS file to serve")
+		if err := fs.Parse(args); err != nil {
+			return err
+		}
+		return lab.ServeJWKS(ctx, *listen, *jwks)
 	}
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -92,6 +108,9 @@ func labCmd(ctx context.Context, args []string, stdin io.Reader, stdout, stderr 
 			}
 			spec.Network = *network
 		}
+		if *family != "" {
+			spec.Family = *family // checked with the spec
+		}
 		l, err := lab.Up(ctx, spec, opts)
 		if err != nil {
 			return err
@@ -101,7 +120,7 @@ func labCmd(ctx context.Context, args []string, stdin io.Reader, stdout, stderr 
 	case "down":
 		return lab.Down(*name, opts)
 	case "demo":
-		return lab.Demo(ctx, *name, opts, stdout)
+		return lab.Demo(ctx, *name, *family, opts, stdout)
 	}
 	l, err := lab.Open(*name, opts)
 	if err != nil {
