@@ -389,7 +389,7 @@ func TestChartValues(t *testing.T) {
 		"agent.nodeSelector.pool=mesh", "agent.resources.limits.memory=256Mi", "agent.terminationGracePeriodSeconds=60",
 		"controller.replicas=3", "controller.extraArgs[0]=--max-ttl=12h", "controller.resources.requests.cpu=250m",
 		"images.waypoint.repository=registry.example/veil-waypoint", "images.waypoint.tag=2.0", "images.waypoint.pullPolicy=Always",
-		"waypoint.policyPlacement=istio",
+		"policyPlacement=istio", "allowWaypointBypass=true",
 		"cni.confDir=/var/lib/rancher/k3s/agent/etc/cni/net.d", "cni.binDir=/home/kubernetes/bin",
 		"crds.install=false")
 	spec, c := r.agent(t)
@@ -404,6 +404,10 @@ func TestChartValues(t *testing.T) {
 	wantFlag(t, c.Args, "ca-addr", "veil-controller.mesh.svc:15012")
 	wantFlag(t, c.Args, "ca-server-name", "veil-controller.mesh.svc")
 	wantFlag(t, c.Args, "drain-grace", "59s")
+	wantFlag(t, c.Args, "policy-placement", "istio")
+	if !slices.Contains(c.Args, "--allow-waypoint-bypass") {
+		t.Errorf("agent args lack --allow-waypoint-bypass: %q", c.Args)
+	}
 	if n := len(c.Args); n < 2 || c.Args[n-2] != "--uplink=eth1" || c.Args[n-1] != "--capture-host" {
 		t.Errorf("extra args not last: %q", c.Args)
 	}
