@@ -32,7 +32,7 @@ func (a *Agent) Outbound(ctx context.Context, c net.Conn, orig netip.AddrPort) {
 	if svc := v.vips[orig.Addr()]; svc != nil {
 		// Traffic addressed to a Service goes through the Service's waypoint, never the
 		// pod's (ISTIO-SEMANTICS §7).
-		if svc.waypoint != nil || svc.waypointErr != nil {
+		if (svc.waypoint != nil || svc.waypointErr != nil) && !src.isWaypoint {
 			a.viaWaypoint(ctx, c, src, svc.waypoint, svc.waypointErr, srcAddr, orig, svc.svc.Name+"."+svc.svc.Namespace+".svc.cluster.local")
 			return
 		}
@@ -46,7 +46,9 @@ func (a *Agent) Outbound(ctx context.Context, c net.Conn, orig netip.AddrPort) {
 		target = ep
 	}
 	dst := v.byIP[target.Addr()]
-	if dst != nil && target == orig && dst.enrolled && (dst.waypoint != nil || dst.waypointErr != nil) {
+	// A waypoint's own traffic (when its pod is captured at all) never goes through a
+	// waypoint again.
+	if dst != nil && target == orig && dst.enrolled && (dst.waypoint != nil || dst.waypointErr != nil) && !src.isWaypoint {
 		a.viaWaypoint(ctx, c, src, dst.waypoint, dst.waypointErr, srcAddr, orig, "")
 		return
 	}

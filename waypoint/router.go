@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/netip"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -316,6 +317,10 @@ func (c *routeCtx) decideHTTP(hr *http.Request) (Upstream, *Response) {
 	if c.r.Now != nil {
 		now = c.r.Now
 	}
+	// Each decision authenticates the request as the client sent it: the first one's
+	// changes (its token removed, its outputs set) must not hide the token from the
+	// second; both sets of changes are forwarded.
+	var sent http.Header
 	for i, cw := range layers {
 		ras := cw.RequestAuthentications
 		if i == 0 {
@@ -328,7 +333,17 @@ func (c *routeCtx) decideHTTP(hr *http.Request) (Upstream, *Response) {
 		if err != nil {
 			return Upstream{}, &Response{Status: http.StatusUnauthorized, Body: "Jwt verification fails"}
 		}
-		tok, fail := a.Authenticate(hr, now())
+		target := hr
+		if sent == nil {
+			sent = hr.Header.Clone()
+		} else {
+			target = hr.Clone(hr.Context())
+			target.Header = sent.Clone()
+		}
+		tok, fail := a.Authenticate(target, now())
+		if target != hr {
+			mergeChanges(hr.Header, sent, target.Header)
+		}
 		if fail != nil {
 			h := http.Header{}
 			if fail.WWWAuthenticate != "" {
@@ -366,6 +381,20 @@ func (ep *Endpoint) key() endpointKey { return endpointKey{ep.ID, ep.Addr, ep.En
 func (ep *Endpoint) upstream() Upstream {
 	return Upstream{Addr: ep.Addr, Key: ep.key(), Workload: &Workload{Name: ep.Pod.Name, Namespace: ep.Pod.Namespace,
 		Principal: ep.ID.String(), CanonicalService: ep.Pod.Labels["app"]}}
+}
+
+// mergeChanges applies to h what an authenticator changed in after relative to before.
+func mergeChanges(h, before, after http.Header) {
+	for k, v := range after {
+		if !slices.Equal(before[k], v) {
+			h[k] = v
+		}
+	}
+	for k := range before {
+		if _, ok := after[k]; !ok {
+			delete(h, k)
+		}
+	}
 }
 
 // decideTCP judges a connection the waypoint cannot parse with Envoy's TCP semantics:
