@@ -52,7 +52,9 @@ spec:
 
 func TestPlacementDecisions(t *testing.T) {
 	td := spiffeid.RequireTrustDomainFromString("cluster.local")
-	id := func(ns, sa string) policy.Peer { return policy.ParsePeer("spiffe://cluster.local/ns/" + ns + "/sa/" + sa) }
+	id := func(ns, sa string) policy.Peer {
+		return policy.ParsePeer("spiffe://cluster.local/ns/" + ns + "/sa/" + sa)
+	}
 	conn := func(peer policy.Peer, src string) *policy.Conn {
 		return &policy.Conn{Peer: peer, SrcIP: netip.MustParseAddr(src), DstIP: netip.MustParseAddr("10.0.2.2"), DstPort: 9080}
 	}

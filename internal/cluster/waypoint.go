@@ -30,10 +30,14 @@ type Waypoint struct {
 }
 
 // TakesServices reports whether the waypoint takes traffic addressed to a Service.
-func (w *Waypoint) TakesServices() bool { return w.For == WaypointForService || w.For == WaypointForAll }
+func (w *Waypoint) TakesServices() bool {
+	return w.For == WaypointForService || w.For == WaypointForAll
+}
 
 // TakesWorkloads reports whether the waypoint takes traffic addressed to a pod.
-func (w *Waypoint) TakesWorkloads() bool { return w.For == WaypointForWorkload || w.For == WaypointForAll }
+func (w *Waypoint) TakesWorkloads() bool {
+	return w.For == WaypointForWorkload || w.For == WaypointForAll
+}
 
 // String is namespace/name.
 func (w *Waypoint) String() string { return w.Gateway.Namespace + "/" + w.Gateway.Name }
