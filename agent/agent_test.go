@@ -425,6 +425,31 @@ status: {podIP: 10.77.1.12, hostIP: 10.77.0.1}`, 1)
 	if len(errs) > 0 || without == clusterYAML {
 		t.Fatalf("cluster without frontend: %v", errs)
 	}
+	// The request's connections are counted when they close: wait for that, or a close
+	// recorded after the pod is forgotten would bring its series back.
+	closed := func() bool {
+		mfs, err := a.Registry().Gather()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, mf := range mfs {
+			if mf.GetName() != "istio_tcp_connections_closed_total" {
+				continue
+			}
+			for _, s := range mf.GetMetric() {
+				for _, l := range s.GetLabel() {
+					if l.GetName() == "source_workload" && l.GetValue() == "frontend" {
+						return true
+					}
+				}
+			}
+		}
+		return false
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for !closed() && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
 	a.Update(st)
 	if n := series(); n != 0 {
 		t.Fatalf("%d series still name the deleted pod frontend", n)

@@ -445,7 +445,11 @@ func TestCacheAgentRestartsWithControllerDown(t *testing.T) {
 	}
 
 	b := startStreamAgent(t, ca, "node-2", c.Addr, cache)
-	streamWait(t, "the cached config", func() bool { return policyKeys(b.Agent) == want })
+	// The policies are applied, then the version recorded: wait for both.
+	streamWait(t, "the cached config", func() bool {
+		e, _ := b.Source.Version()
+		return policyKeys(b.Agent) == want && e != ""
+	})
 	if e, v := b.Source.Version(); e != epoch || v != version {
 		t.Fatalf("cached version %q %d, want %q %d", e, v, epoch, version)
 	}
