@@ -103,10 +103,9 @@ type Agent struct {
 	// evidence the capture sync needs to un-enroll what a previous agent left pinned.
 	live atomic.Bool
 
-	// updateMu serialises Update and ApplyPolicies and guards policyWorkloads and capture.
-	updateMu        sync.Mutex
-	policyWorkloads map[policy.WorkloadKey]bool
-	capture         captured
+	// updateMu serialises Update and ApplyPolicies and guards capture.
+	updateMu sync.Mutex
+	capture  captured
 	// lastState is the controller's (or the cache's) last state; cniPods are the pods
 	// the CNI plugin enrolled, by UID. The view is the two merged (mergeCNI).
 	lastState *cluster.State
@@ -176,7 +175,7 @@ func New(opts Options) (*Agent, error) {
 			return nil, fmt.Errorf("agent: trust bundle metrics: %w", err)
 		}
 	}
-	a := &Agent{opts: opts, log: opts.Log, metrics: newMetrics(opts.Registry), policyWorkloads: map[policy.WorkloadKey]bool{},
+	a := &Agent{opts: opts, log: opts.Log, metrics: newMetrics(opts.Registry),
 		limit: &connLimit{max: opts.MaxConnections, perSource: opts.MaxConnectionsPerSource}}
 	a.store.Options = opts.Policy
 	a.ctx, a.cancel = context.WithCancel(context.Background())
@@ -217,22 +216,7 @@ func (a *Agent) Update(st *cluster.State) {
 // Called with updateMu held.
 func (a *Agent) apply(st *cluster.State, cniEnrolled map[podKey]bool) {
 	v := newView(st, a.opts.Node, a.opts.TrustDomain, cniEnrolled)
-	ws := policyWorkloads(st)
-	seen := map[policy.WorkloadKey]bool{}
-	for _, w := range ws {
-		seen[policy.WorkloadKey{Namespace: w.Namespace, Name: w.Name}] = true
-	}
-	var gone []policy.WorkloadKey
-	for k := range a.policyWorkloads {
-		if !seen[k] {
-			gone = append(gone, k)
-		}
-	}
-	a.policyWorkloads = seen
-	if len(gone) > 0 {
-		a.store.DeleteWorkloads(gone...)
-	}
-	a.store.SetWorkloads(ws...)
+	a.store.ReplaceWorkloads(policyWorkloads(st)...)
 	old := a.view.Swap(v)
 	if old != nil && a.metrics != nil {
 		now := map[podKey]bool{}

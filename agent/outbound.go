@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"errors"
+	"io"
 	"net"
 	"net/http"
 	"net/netip"
@@ -143,9 +144,7 @@ func (a *Agent) viaWaypoint(ctx context.Context, c net.Conn, src *workload, wp *
 		reset(c)
 		return
 	}
-	a.metrics.open(f)
-	counts := a.join(ctx, c, s)
-	a.metrics.close(f, counts.AToB, counts.BToA)
+	a.carry(ctx, f, c, s)
 }
 
 func (a *Agent) viaHBONE(ctx context.Context, c net.Conn, src, dst *workload, srcAddr, target netip.AddrPort) {
@@ -164,9 +163,7 @@ func (a *Agent) viaHBONE(ctx context.Context, c net.Conn, src, dst *workload, sr
 		reset(c)
 		return
 	}
-	a.metrics.open(f)
-	counts := a.join(ctx, c, s)
-	a.metrics.close(f, counts.AToB, counts.BToA)
+	a.carry(ctx, f, c, s)
 }
 
 func (a *Agent) passthrough(ctx context.Context, c net.Conn, src, dst *workload, srcAddr, target netip.AddrPort) {
@@ -178,9 +175,7 @@ func (a *Agent) passthrough(ctx context.Context, c net.Conn, src, dst *workload,
 		reset(c)
 		return
 	}
-	a.metrics.open(f)
-	counts := a.join(ctx, c, up)
-	a.metrics.close(f, counts.AToB, counts.BToA)
+	a.carry(ctx, f, c, up)
 }
 
 // sameNode serves an enrolled destination on this node without a network round trip:
@@ -202,4 +197,11 @@ func (a *Agent) sameNode(ctx context.Context, c net.Conn, src, dst *workload, sr
 	remove()
 	a.metrics.close(fs, counts.AToB, counts.BToA)
 	a.metrics.close(fd, counts.AToB, counts.BToA)
+}
+
+// carry proxies c with up until both end, counting the flow f.
+func (a *Agent) carry(ctx context.Context, f flow, c net.Conn, up io.ReadWriteCloser) {
+	a.metrics.open(f)
+	counts := a.join(ctx, c, up)
+	a.metrics.close(f, counts.AToB, counts.BToA)
 }

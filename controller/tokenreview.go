@@ -12,7 +12,6 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/veilmesh/veil/identity"
-	"google.golang.org/grpc/metadata"
 	authv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -53,14 +52,9 @@ type cached struct {
 
 // Authenticate implements identity.Authenticator.
 func (r *TokenReview) Authenticate(ctx context.Context) (identity.Caller, error) {
-	md, _ := metadata.FromIncomingContext(ctx)
-	vals := md.Get("authorization")
-	if len(vals) != 1 {
-		return identity.Caller{}, errors.New("want exactly one authorization header")
-	}
-	tok, ok := strings.CutPrefix(vals[0], "Bearer ")
-	if !ok || tok == "" {
-		return identity.Caller{}, errors.New("authorization header is not a Bearer token")
+	tok, err := identity.BearerFrom(ctx)
+	if err != nil {
+		return identity.Caller{}, err
 	}
 	key := sha256.Sum256([]byte(tok))
 	now := time.Now()

@@ -79,20 +79,30 @@ func NewNodeTokens(tokens map[string]string) (*NodeTokens, error) {
 // Authenticate implements Authenticator. Tokens are compared by their SHA-256, so the
 // lookup time does not depend on how much of a guess is right.
 func (n *NodeTokens) Authenticate(ctx context.Context) (Caller, error) {
-	md, _ := metadata.FromIncomingContext(ctx)
-	vals := md.Get("authorization")
-	if len(vals) != 1 {
-		return Caller{}, errors.New("want exactly one authorization header")
-	}
-	tok, ok := strings.CutPrefix(vals[0], "Bearer ")
-	if !ok {
-		return Caller{}, errors.New("authorization header is not a Bearer token")
+	tok, err := BearerFrom(ctx)
+	if err != nil {
+		return Caller{}, err
 	}
 	node, ok := n.byHash[sha256.Sum256([]byte(tok))]
 	if !ok {
 		return Caller{}, errors.New("unknown bootstrap token")
 	}
 	return Caller{Node: node, Name: "the bootstrap token of node " + node}, nil
+}
+
+// BearerFrom returns the token of a call's one "authorization: Bearer <token>" metadata
+// entry.
+func BearerFrom(ctx context.Context) (string, error) {
+	md, _ := metadata.FromIncomingContext(ctx)
+	vals := md.Get("authorization")
+	if len(vals) != 1 {
+		return "", errors.New("want exactly one authorization header")
+	}
+	tok, ok := strings.CutPrefix(vals[0], "Bearer ")
+	if !ok || tok == "" {
+		return "", errors.New("authorization header is not a Bearer token")
+	}
+	return tok, nil
 }
 
 // BearerToken is a gRPC per-RPC credential carrying a node's bootstrap token. It

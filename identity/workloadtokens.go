@@ -5,10 +5,8 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
-	"strings"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"google.golang.org/grpc/metadata"
 )
 
 // WorkloadToken is one workload's bootstrap credential: the token, the identity it
@@ -54,14 +52,9 @@ func NewWorkloadTokens(td spiffeid.TrustDomain, tokens []WorkloadToken) (*Worklo
 
 // Authenticate implements Authenticator.
 func (w *WorkloadTokens) Authenticate(ctx context.Context) (Caller, error) {
-	md, _ := metadata.FromIncomingContext(ctx)
-	vals := md.Get("authorization")
-	if len(vals) != 1 {
-		return Caller{}, errors.New("want exactly one authorization header")
-	}
-	tok, ok := strings.CutPrefix(vals[0], "Bearer ")
-	if !ok {
-		return Caller{}, errors.New("authorization header is not a Bearer token")
+	tok, err := BearerFrom(ctx)
+	if err != nil {
+		return Caller{}, err
 	}
 	c, ok := w.byHash[sha256.Sum256([]byte(tok))]
 	if !ok {

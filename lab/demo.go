@@ -125,7 +125,7 @@ var scenarios = []scenario{
 		probes: []probe{
 			{"bookinfo/frontend", "reviews:9080", "reset", "at L4 the GET-only ALLOW rule is dropped: fails closed, as ztunnel"},
 		},
-		note: "methods, paths and requestPrincipals need a waypoint (not built yet); without one the agent fails closed",
+		note: "methods, paths and requestPrincipals need a waypoint; without one the agent fails closed (the waypoint lab enforces this file)",
 	},
 	{
 		title: "DENY from namespace legacy (authz-deny-external.yaml)",
@@ -204,20 +204,8 @@ func (l *Lab) targets(to string) ([]string, error) {
 func RunDemo(ctx context.Context, l *Lab, w io.Writer) (mismatches int, err error) {
 	for i, sc := range scenarios {
 		fmt.Fprintf(w, "\n[%d] %s\n", i+1, sc.title)
-		var objects []string
-		for _, f := range sc.apply {
-			data, err := demoPolicies.ReadFile("demo/" + f)
-			if err != nil {
-				return mismatches, err
-			}
-			if err := l.Apply(f, data); err != nil {
-				return mismatches, err
-			}
-			for _, o := range policy.Parse(f, data).Objects {
-				objects = append(objects, o.Key().String())
-			}
-		}
-		if err := l.WaitObjects(ctx, objects, nil); err != nil {
+		objects, err := l.applyDemo(ctx, sc.apply, nil)
+		if err != nil {
 			return mismatches, err
 		}
 		for _, pr := range sc.probes {
@@ -247,16 +235,43 @@ func RunDemo(ctx context.Context, l *Lab, w io.Writer) (mismatches int, err erro
 		if sc.note != "" {
 			fmt.Fprintf(w, "    note: %s\n", sc.note)
 		}
-		for _, f := range sc.apply {
-			if err := l.Delete(f); err != nil {
-				return mismatches, err
-			}
-		}
-		if err := l.WaitObjects(ctx, nil, objects); err != nil {
+		if err := l.removeDemo(ctx, sc.apply, objects); err != nil {
 			return mismatches, err
 		}
 	}
 	return mismatches, nil
+}
+
+// applyDemo applies the demo files (rewritten by subst, when set) and waits until the
+// agents hold their objects, which it returns.
+func (l *Lab) applyDemo(ctx context.Context, files []string, subst func([]byte) []byte) ([]string, error) {
+	var objects []string
+	for _, f := range files {
+		data, err := demoPolicies.ReadFile("demo/" + f)
+		if err != nil {
+			return nil, err
+		}
+		if subst != nil {
+			data = subst(data)
+		}
+		if err := l.Apply(f, data); err != nil {
+			return nil, err
+		}
+		for _, o := range policy.Parse(f, data).Objects {
+			objects = append(objects, o.Key().String())
+		}
+	}
+	return objects, l.WaitObjects(ctx, objects, nil)
+}
+
+// removeDemo deletes the demo files and waits until the agents no longer hold objects.
+func (l *Lab) removeDemo(ctx context.Context, files, objects []string) error {
+	for _, f := range files {
+		if err := l.Delete(f); err != nil {
+			return err
+		}
+	}
+	return l.WaitObjects(ctx, nil, objects)
 }
 
 // showMTLS prints each agent's certificates and checks the HBONE connection of the

@@ -14,7 +14,6 @@ import (
 	"time"
 
 	"github.com/veilmesh/veil/identity"
-	"github.com/veilmesh/veil/policy"
 	"github.com/veilmesh/veil/tunnel"
 )
 
@@ -275,24 +274,15 @@ func RunWaypointDemo(ctx context.Context, l *Lab, w io.Writer) (mismatches int, 
 func runWaypointScenarios(ctx context.Context, l *Lab, w io.Writer, label string, scs []wpScenario) (mismatches int, err error) {
 	for i, sc := range scs {
 		fmt.Fprintf(w, "\n[%s %d] %s\n", label, i+1, sc.title)
-		var objects []string
-		for _, f := range sc.apply {
-			data, err := demoPolicies.ReadFile("demo/" + f)
-			if err != nil {
-				return mismatches, err
-			}
-			if sc.lab {
-				data = []byte(strings.NewReplacer("https://accounts.google.com", l.Issuer(),
+		var subst func([]byte) []byte
+		if sc.lab {
+			subst = func(data []byte) []byte {
+				return []byte(strings.NewReplacer("https://accounts.google.com", l.Issuer(),
 					"https://www.googleapis.com/oauth2/v3/certs", l.JWKSURI()).Replace(string(data)))
 			}
-			if err := l.Apply(f, data); err != nil {
-				return mismatches, err
-			}
-			for _, o := range policy.Parse(f, data).Objects {
-				objects = append(objects, o.Key().String())
-			}
 		}
-		if err := l.WaitObjects(ctx, objects, nil); err != nil {
+		objects, err := l.applyDemo(ctx, sc.apply, subst)
+		if err != nil {
 			return mismatches, err
 		}
 		// The waypoint follows the same config stream as the agents; give it a moment.
@@ -332,12 +322,7 @@ func runWaypointScenarios(ctx context.Context, l *Lab, w io.Writer, label string
 		if sc.note != "" {
 			fmt.Fprintf(w, "    note: %s\n", sc.note)
 		}
-		for _, f := range sc.apply {
-			if err := l.Delete(f); err != nil {
-				return mismatches, err
-			}
-		}
-		if err := l.WaitObjects(ctx, nil, objects); err != nil {
+		if err := l.removeDemo(ctx, sc.apply, objects); err != nil {
 			return mismatches, err
 		}
 	}

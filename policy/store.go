@@ -82,6 +82,19 @@ func (s *Store) SetWorkloads(ws ...*Workload) {
 	s.publish()
 }
 
+// ReplaceWorkloads makes ws the store's workloads: those not in ws are removed.
+func (s *Store) ReplaceWorkloads(ws ...*Workload) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.init()
+	next := make(map[WorkloadKey]*Workload, len(ws))
+	for _, w := range ws {
+		next[WorkloadKey{w.Namespace, w.Name}] = w
+	}
+	s.workloads = next
+	s.publish()
+}
+
 // DeleteWorkloads removes workloads.
 func (s *Store) DeleteWorkloads(keys ...WorkloadKey) {
 	s.mu.Lock()

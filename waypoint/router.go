@@ -34,7 +34,6 @@ type Router struct {
 
 	mu     sync.Mutex // serializes Update and ApplyPolicies
 	store  *policy.Store
-	seen   map[policy.WorkloadKey]bool
 	state  atomic.Pointer[routerState]
 	next   atomic.Uint32
 	authns atomic.Pointer[authCache]
@@ -72,7 +71,6 @@ var ErrNotBound = errors.New("destination is not bound to this waypoint")
 func (r *Router) init() {
 	if r.store == nil {
 		r.store = &policy.Store{Options: r.Policy}
-		r.seen = map[policy.WorkloadKey]bool{}
 	}
 }
 
@@ -102,14 +100,12 @@ func (r *Router) Update(st *cluster.State) {
 		endpoints: map[*cluster.Service][]*cluster.Pod{}, enrolled: map[*cluster.Pod]bool{}}
 	bind := st.Bindings()
 	var ws []*policy.Workload
-	seen := map[policy.WorkloadKey]bool{}
 	for _, p := range st.Pods {
 		if p.HostNetwork {
 			continue
 		}
 		ws = append(ws, &policy.Workload{Namespace: p.Namespace, Name: p.Name, Labels: p.Labels,
 			ServiceAccount: p.ServiceAccount, IPs: p.IPs, Waypoint: st.IsWaypointPod(p), Source: p.Source})
-		seen[policy.WorkloadKey{Namespace: p.Namespace, Name: p.Name}] = true
 		id, err := identity.NewID(r.TrustDomain, p.Namespace, p.ServiceAccount)
 		if err != nil {
 			continue
@@ -134,17 +130,7 @@ func (r *Router) Update(st *cluster.State) {
 			rs.endpoints[s] = st.Endpoints(s)
 		}
 	}
-	var gone []policy.WorkloadKey
-	for k := range r.seen {
-		if !seen[k] {
-			gone = append(gone, k)
-		}
-	}
-	r.seen = seen
-	if len(gone) > 0 {
-		r.store.DeleteWorkloads(gone...)
-	}
-	r.store.SetWorkloads(ws...)
+	r.store.ReplaceWorkloads(ws...)
 	r.state.Store(rs)
 }
 
