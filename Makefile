@@ -73,7 +73,7 @@ bench-path: ## end-to-end: raw TCP, a plain Go TLS tunnel, stunnel and veil over
 	./scripts/deps.sh bench
 	$(MAKE) --no-print-directory build
 	BIN=$(abspath $(BIN)) ./bench/path.sh
-	$(GO) test -run '^$$' -bench '^BenchmarkProxyHTTP1$$' -benchtime 3s ./waypoint/
+	$(GO) test -run '^$$' -bench '^(BenchmarkProxyHTTP1|BenchmarkRouterDecide)$$' -benchtime 3s ./waypoint/
 
 fuzz: ## run each fuzz target for FUZZTIME (default 30s)
 	./scripts/fuzz.sh $${FUZZTIME:-30s}
