@@ -74,11 +74,19 @@ func (a *Agent) decide(v *view, snap *policy.Snapshot, c *policy.Conn) policy.De
 	if dst == nil {
 		return snap.EvaluateL4(c)
 	}
-	if src := v.byIP[c.SrcIP.Unmap()]; src != nil && src.isWaypoint && src.id.String() == c.Peer.URI && dst.servedBy[src.id] {
-		if snap.WorkloadByIP(c.DstIP) == nil {
-			return policy.Decision{Reason: policy.ReasonUnknownWorkload}
+	if src := v.byIP[c.SrcIP.Unmap()]; src != nil && src.isWaypoint && src.id.String() == c.Peer.URI {
+		if enforces, serving := dst.servedBy[src.id]; serving {
+			if !enforces {
+				// A waypoint that does not declare veil's placement (istiod's Envoy, or
+				// one run with --policy-placement=istio) enforced only its targetRefs
+				// policies: the workload's are applied here, to its identity.
+				return snap.EvaluateL4(c)
+			}
+			if snap.WorkloadByIP(c.DstIP) == nil {
+				return policy.Decision{Reason: policy.ReasonUnknownWorkload}
+			}
+			return policy.Decision{Reason: policy.ReasonViaWaypoint}
 		}
-		return policy.Decision{Reason: policy.ReasonViaWaypoint}
 	}
 	if dst.waypoint != nil && !a.opts.Policy.AllowWaypointBypass {
 		return policy.Decision{Reason: policy.ReasonWaypointBypass}

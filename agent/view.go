@@ -22,8 +22,9 @@ type workload struct {
 	waypointErr error
 	// isWaypoint marks a waypoint's pod.
 	isWaypoint bool
-	// servedBy are the identities of the waypoints that may carry traffic to the pod:
-	// its own and its Services'.
+	// servedBy are the identities of the waypoints that may carry traffic to the pod
+	// (its own and its Services'), each true when that waypoint enforces the pod's own
+	// policies (it declares veil's policy placement).
 	servedBy map[spiffeid.ID]bool
 }
 
@@ -137,9 +138,16 @@ func newView(st *cluster.State, node string, td spiffeid.TrustDomain, cniEnrolle
 			sv.slices = st.SliceEndpoints(s)
 		}
 		sv.waypoint, sv.waypointErr = bind.ServiceWaypoint(s)
-		if sv.waypoint != nil {
-			for _, ep := range sv.endpoints {
-				ep.servedBy = waypointIDs(td, ep.servedBy, sv.waypoint)
+		if sv.waypoint != nil && len(s.Selector) > 0 {
+			// Every pod the Service selects, ready or not: a pod that stops being ready
+			// keeps the connections the waypoint opened while it was.
+			for _, p := range st.Pods {
+				if p.Namespace != s.Namespace || len(p.IPs) == 0 || !cluster.Selects(s.Selector, p.Labels) {
+					continue
+				}
+				if w := v.byIP[p.IPs[0]]; w != nil {
+					w.servedBy = waypointIDs(td, w.servedBy, sv.waypoint)
+				}
 			}
 		}
 		for _, ip := range s.ClusterIPs {
@@ -149,19 +157,20 @@ func newView(st *cluster.State, node string, td spiffeid.TrustDomain, cniEnrolle
 	return v
 }
 
-// waypointIDs adds the identities of wp's pods to ids (allocated when nil) and returns it.
+// waypointIDs adds wp's identity to ids (allocated when nil), true when wp enforces the
+// workloads' own policies, and returns it.
 func waypointIDs(td spiffeid.TrustDomain, ids map[spiffeid.ID]bool, wp *cluster.Waypoint) map[spiffeid.ID]bool {
 	if wp == nil {
 		return ids
 	}
-	for _, p := range wp.Pods {
-		if id, err := identity.NewID(td, p.Namespace, p.ServiceAccount); err == nil {
-			if ids == nil {
-				ids = map[spiffeid.ID]bool{}
-			}
-			ids[id] = true
-		}
+	id, err := identity.NewID(td, wp.Gateway.Namespace, wp.ServiceAccount)
+	if err != nil {
+		return ids
 	}
+	if ids == nil {
+		ids = map[spiffeid.ID]bool{}
+	}
+	ids[id] = ids[id] || wp.EnforcesWorkloadPolicies
 	return ids
 }
 

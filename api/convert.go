@@ -345,8 +345,9 @@ func NamespaceResource(n *cluster.Namespace) *Resource {
 	return &Resource{Resource: &Resource_Namespace{Namespace: &Namespace{Name: n.Name, Labels: n.Labels}}}
 }
 
-// enrollmentAnnotations are the pod annotations the agent's enrollment rule reads.
-var enrollmentAnnotations = []string{cluster.SidecarStatusAnnotation}
+// dataPathAnnotations are the pod annotations the data path reads: the enrollment rule's,
+// and a waypoint's policy placement.
+var dataPathAnnotations = []string{cluster.SidecarStatusAnnotation, cluster.PolicyPlacementAnnotation}
 
 // WorkloadResource converts a Pod of st (st decides enrollment from its namespace).
 func WorkloadResource(st *cluster.State, p *cluster.Pod) *Resource {
@@ -365,7 +366,7 @@ func WorkloadResource(st *cluster.State, p *cluster.Pod) *Resource {
 	if w.ServiceAccount == "" {
 		w.ServiceAccount = "default"
 	}
-	for _, a := range enrollmentAnnotations {
+	for _, a := range dataPathAnnotations {
 		if v, ok := p.Annotations[a]; ok {
 			if w.Annotations == nil {
 				w.Annotations = map[string]string{}

@@ -206,18 +206,27 @@ func LoadWorkloadTokens(path string, td spiffeid.TrustDomain) (*identity.Workloa
 	return w, nil
 }
 
-// WaypointIdentities returns the identities of st's waypoint pods (pods of a Gateway of
-// class istio-waypoint): the workloads that may subscribe to the config.
+// WaypointIdentities returns the identities of st's usable waypoints (Gateways of class
+// istio-waypoint with a ready pod, refused neither for a shared nor for a second service
+// account): the workloads that may subscribe to the config.
 func WaypointIdentities(td spiffeid.TrustDomain, st *cluster.State) map[spiffeid.ID]bool {
 	ids := map[spiffeid.ID]bool{}
 	if st == nil {
 		return ids
 	}
-	for _, p := range st.Pods {
-		if st.IsWaypointPod(p) {
-			if id, err := identity.NewID(td, p.Namespace, p.ServiceAccount); err == nil {
-				ids[id] = true
-			}
+	// Only waypoints that resolve (one service account that runs no other pod): a pod
+	// that merely carries a Gateway's label is not one.
+	b := st.Bindings()
+	for _, g := range st.Gateways {
+		if g.ClassName != cluster.WaypointClass {
+			continue
+		}
+		w, err := b.Resolve(g.Namespace, g.Name)
+		if err != nil {
+			continue
+		}
+		if id, err := identity.NewID(td, g.Namespace, w.ServiceAccount); err == nil {
+			ids[id] = true
 		}
 	}
 	return ids

@@ -834,7 +834,10 @@ func (r *waypointReconciler) desired(gw *unstructured.Unstructured) ([]metav1.Ob
 				// The trust bundle, as a file (downward API): a ConfigMap in every namespace
 				// with a waypoint would need the right to write every ConfigMap of the
 				// cluster. A new bundle (a root rotation) rolls the waypoint.
-				ObjectMeta: metav1.ObjectMeta{Labels: podLabels, Annotations: map[string]string{waypointRootAnnotation: string(roots)}},
+				// The placement annotation tells the agents this waypoint enforces the
+				// policies of the workloads it serves (cluster.PolicyPlacementAnnotation).
+				ObjectMeta: metav1.ObjectMeta{Labels: podLabels, Annotations: map[string]string{waypointRootAnnotation: string(roots),
+					cluster.PolicyPlacementAnnotation: r.placement}},
 				Spec: corev1.PodSpec{
 					ServiceAccountName: name,
 					// The waypoint reads nothing from the API server: its only token is the

@@ -229,6 +229,9 @@ func TestWaypointsDeploy(t *testing.T) {
 	if !slices.Equal(c.Args, wantArgs) {
 		t.Errorf("args\n got %q\nwant %q", c.Args, wantArgs)
 	}
+	if got := pod.Annotations[cluster.PolicyPlacementAnnotation]; got != "istio" {
+		t.Errorf("pod annotation %s=%q, want the placement the waypoint runs (istio)", cluster.PolicyPlacementAnnotation, got)
+	}
 	env := map[string]string{}
 	for _, v := range c.Env {
 		switch {

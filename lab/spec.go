@@ -343,7 +343,7 @@ func (s *Spec) ClusterYAML() []byte {
 		}
 		doc(map[string]any{
 			"apiVersion": "v1", "kind": "Pod",
-			"metadata": map[string]any{"name": p.Name, "namespace": p.Namespace, "labels": p.Labels},
+			"metadata": podMeta(p),
 			"spec": map[string]any{"serviceAccountName": p.ServiceAccount, "nodeName": p.Node,
 				"containers": []map[string]any{{"name": "app", "image": labAppImage, "ports": ports}}},
 			"status": runningStatus(s.PodIPs(p), s.NodeIPs(p.Node), "app", labAppImage),

@@ -129,3 +129,13 @@ func (l *Lab) fabricPodRoutes() [][]string {
 	}
 	return cmds
 }
+
+// podMeta is a pod's metadata; a waypoint pod declares veil's policy placement, as the
+// controller's waypoints do (the lab's waypoints run veil-waypoint).
+func podMeta(p *PodSpec) map[string]any {
+	m := map[string]any{"name": p.Name, "namespace": p.Namespace, "labels": p.Labels}
+	if p.Waypoint != "" {
+		m["annotations"] = map[string]string{cluster.PolicyPlacementAnnotation: "veil"}
+	}
+	return m
+}

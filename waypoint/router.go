@@ -292,8 +292,13 @@ func (c *routeCtx) decideHTTP(hr *http.Request) (Upstream, *Response) {
 	}
 	svc := c.serviceRef()
 	// CUSTOM first, without the token (Envoy's ext_authz runs before jwt_authn): veil
-	// calls no external authorizer, so a matching CUSTOM policy denies.
-	for _, cw := range layers {
+	// calls no external authorizer, so a matching CUSTOM policy denies. The first decision
+	// is for the Service (its targetRefs policies), the second for the endpoint.
+	for i, cw := range layers {
+		req.Service = policy.ServiceRef{}
+		if i == 0 {
+			req.Service = svc
+		}
 		if d := cw.EvaluateHTTP(req); d.Custom != nil {
 			return Upstream{}, rbacDenied
 		}
@@ -339,6 +344,9 @@ func (c *routeCtx) decideHTTP(hr *http.Request) (Upstream, *Response) {
 		}
 		jwts[i] = tok
 	}
+	// RBAC sees the request as the JWT filter left it: a client's copies of output
+	// headers removed, verified claims copied in.
+	req.Headers = lowerHeaders(hr.Header)
 	for i, cw := range layers {
 		req.JWT = jwts[i]
 		if i == 0 {
@@ -396,7 +404,7 @@ func (c *routeCtx) decideTCP() (Upstream, error) {
 		return Upstream{}, errors.New("waypoint not in the policy snapshot")
 	}
 	conn := policy.Conn{Peer: policy.ParsePeer(c.req.Peer.String()), SrcIP: c.req.Source.Addr(), DstIP: ep.Addr.Addr(), DstPort: ep.Addr.Port()}
-	if d := gw.EvaluateTCP(&conn, c.serviceRef()); !d.Allowed() {
+	if d := gw.EvaluateTCP(&conn, c.serviceRef()); !d.Allowed() || d.Custom != nil {
 		return Upstream{}, fmt.Errorf("denied: %s", d)
 	}
 	if !c.r.Policy.Istio() {
@@ -404,7 +412,7 @@ func (c *routeCtx) decideTCP() (Upstream, error) {
 		if w == nil {
 			return Upstream{}, errors.New("denied: endpoint unknown to the policy engine")
 		}
-		if d := w.EvaluateTCP(&conn, policy.ServiceRef{}); !d.Allowed() {
+		if d := w.EvaluateTCP(&conn, policy.ServiceRef{}); !d.Allowed() || d.Custom != nil {
 			return Upstream{}, fmt.Errorf("denied: %s", d)
 		}
 	}
@@ -413,10 +421,7 @@ func (c *routeCtx) decideTCP() (Upstream, error) {
 
 // request builds the policy engine's view of hr, sent to ep.
 func (c *routeCtx) request(hr *http.Request, ep *Endpoint) *policy.Request {
-	h := make(map[string][]string, len(hr.Header)+1)
-	for k, v := range hr.Header {
-		h[strings.ToLower(k)] = v
-	}
+	h := lowerHeaders(hr.Header)
 	return &policy.Request{
 		Conn: policy.Conn{Peer: policy.ParsePeer(c.req.Peer.String()), SrcIP: c.req.Source.Addr(),
 			DstIP: ep.Addr.Addr(), DstPort: ep.Addr.Port()},
@@ -425,6 +430,15 @@ func (c *routeCtx) request(hr *http.Request, ep *Endpoint) *policy.Request {
 		Path:    hr.URL.RequestURI(),
 		Headers: h,
 	}
+}
+
+// lowerHeaders is h with lower-case names, as the policy engine reads them.
+func lowerHeaders(h http.Header) map[string][]string {
+	out := make(map[string][]string, len(h))
+	for k, v := range h {
+		out[strings.ToLower(k)] = v
+	}
+	return out
 }
 
 // authenticator returns the JWT filter for a set of RequestAuthentications, compiled

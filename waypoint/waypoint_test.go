@@ -774,3 +774,55 @@ func TestWaypointPathNormalization(t *testing.T) {
 	e.expect("frontend", reviewsSvc, "GET", "/ratings/1", 403, rbacDeniedBody)
 	e.expect("productpage", reviewsSvc, "GET", "/reviews/1", 403, rbacDeniedBody)
 }
+
+// A client's copy of a header a RequestAuthentication outputs is removed before
+// authorization sees the request: a policy on that header cannot be satisfied by
+// sending it (review finding: authorization saw the headers before the JWT filter).
+func TestWaypointOutputHeaderNotSpoofable(t *testing.T) {
+	e := newWPEnv(t, policy.Options{})
+	k := newWPJWTKey(t)
+	e.apply(fmt.Sprintf(`
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {name: group-header, namespace: bookinfo}
+spec:
+  selector: {matchLabels: {app: reviews}}
+  jwtRules:
+  - issuer: %q
+    jwks: '%s'
+    outputClaimToHeaders: [{header: x-jwt-group, claim: group}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: admins-only, namespace: bookinfo}
+spec:
+  selector: {matchLabels: {app: reviews}}
+  rules:
+  - when: [{key: "request.headers[x-jwt-group]", values: [admin]}]
+`, wpIssuer, k.jwks))
+	e.expect("frontend", reviewsSvc, "GET", "/", 403, rbacDeniedBody, "X-Jwt-Group: admin")
+	e.expect("frontend", reviewsSvc, "GET", "/", 403, rbacDeniedBody, "X-Jwt-Group: admin", "Authorization: Bearer "+k.token(t, "alice"))
+}
+
+// CUSTOM policies deny (veil calls no external authorizer) wherever they attach: by
+// targetRefs to the Service being served, and on TCP ports (review findings).
+func TestWaypointCustomDenies(t *testing.T) {
+	const custom = `
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: ext-authz, namespace: bookinfo}
+spec:
+  targetRefs: [{kind: Service, group: "", name: reviews}]
+  action: CUSTOM
+  provider: {name: my-ext-authz}
+  rules: [{}]
+`
+	for _, popts := range []policy.Options{{}, {Placement: policy.PlacementIstio}} {
+		e := newWPEnv(t, popts)
+		e.apply(custom)
+		e.expect("frontend", reviewsSvc, "GET", "/", 403, rbacDeniedBody)
+		if got, err := e.tcpExchange("hello\n"); err == nil {
+			t.Errorf("placement %q: CUSTOM on a TCP port: echoed %q; want the stream refused", popts.Placement, got)
+		}
+	}
+}

@@ -12,6 +12,11 @@ const (
 	WaypointForLabel = "istio.io/waypoint-for"
 	// GatewayNameLabel marks the pods of a Gateway API gateway or waypoint.
 	GatewayNameLabel = "gateway.networking.k8s.io/gateway-name"
+	// PolicyPlacementAnnotation on a waypoint's pods says the waypoint runs veil's
+	// policy placement ("veil"): it enforces the policies that select the workloads it
+	// serves, so their agents may skip them for its connections. veil-controller sets
+	// it on the waypoints it deploys; istiod's waypoints (Envoy) do not have it.
+	PolicyPlacementAnnotation = "veilmesh.io/policy-placement"
 
 	WaypointForService  = "service"
 	WaypointForWorkload = "workload"
@@ -27,6 +32,11 @@ type Waypoint struct {
 	// Pods are its ready pods with an address (labelled GatewayNameLabel in its
 	// namespace), by name.
 	Pods []*Pod
+	// ServiceAccount is the one service account its pods run as: its identity.
+	ServiceAccount string
+	// EnforcesWorkloadPolicies reports whether every pod of the waypoint declares veil's
+	// policy placement (PolicyPlacementAnnotation).
+	EnforcesWorkloadPolicies bool
 }
 
 // TakesServices reports whether the waypoint takes traffic addressed to a Service.
@@ -146,13 +156,23 @@ func (s *State) resolveWaypoint(ns, name string) (*Waypoint, error) {
 		return nil, &WaypointError{ns, name, fmt.Sprintf("label %s: %q is not service, workload, all or none", WaypointForLabel, w.For)}
 	}
 	sas := map[string]bool{}
+	w.EnforcesWorkloadPolicies = true
 	for _, p := range s.Pods {
 		if p.Namespace == ns && p.Labels[GatewayNameLabel] == name && !p.HostNetwork {
 			sas[p.ServiceAccount] = true
+			w.ServiceAccount = p.ServiceAccount
+			if p.Annotations[PolicyPlacementAnnotation] != "veil" {
+				w.EnforcesWorkloadPolicies = false
+			}
 			if p.Ready && len(p.IPs) > 0 {
 				w.Pods = append(w.Pods, p)
 			}
 		}
+	}
+	// One identity per waypoint: a pod that gives itself the Gateway's label under
+	// another service account must not become trusted as the waypoint.
+	if len(sas) > 1 {
+		return nil, &WaypointError{ns, name, fmt.Sprintf("refused: its pods run as %d service accounts; a waypoint has one identity", len(sas))}
 	}
 	for _, p := range s.Pods {
 		if p.Namespace == ns && sas[p.ServiceAccount] && p.Labels[GatewayNameLabel] != name {
@@ -170,6 +190,9 @@ func (s *State) resolveWaypoint(ns, name string) (*Waypoint, error) {
 // nil when svc is not bound, an error when the binding names a waypoint that cannot take
 // it (absent, not ready, refused, or not taking service traffic).
 func (b *Bindings) ServiceWaypoint(svc *Service) (*Waypoint, error) {
+	if svc.Labels[GatewayNameLabel] != "" {
+		return nil, nil // a gateway's or waypoint's own Service never gets a waypoint
+	}
 	name, ns, _ := b.st.binding(svc.Namespace, svc.Labels)
 	if name == "" {
 		return nil, nil

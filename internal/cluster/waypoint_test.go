@@ -110,3 +110,34 @@ func TestWaypointNamespaceLabel(t *testing.T) {
 		t.Fatalf("got %v, %v; want bookinfo/waypoint", w, err)
 	}
 }
+
+func TestWaypointRefusedWithTwoServiceAccounts(t *testing.T) {
+	st := waypointState("all", map[string]string{UseWaypointLabel: "waypoint"})
+	// A pod that labels itself as the waypoint's, under its own account.
+	st.Pods = append(st.Pods, &Pod{Namespace: "bookinfo", Name: "impostor", ServiceAccount: "evil", Ready: true,
+		Labels: map[string]string{GatewayNameLabel: "waypoint"}, IPs: []netip.Addr{netip.MustParseAddr("10.0.0.66")}})
+	_, err := st.Bindings().ServiceWaypoint(st.Services[0])
+	if err == nil || !strings.Contains(err.Error(), "2 service accounts") {
+		t.Fatalf("got %v; want the waypoint refused", err)
+	}
+}
+
+func TestWaypointOwnServiceIsNotBound(t *testing.T) {
+	st := waypointState("all", map[string]string{UseWaypointLabel: "waypoint"})
+	own := &Service{Namespace: "bookinfo", Name: "waypoint", Labels: map[string]string{GatewayNameLabel: "waypoint"}}
+	if w, err := st.Bindings().ServiceWaypoint(own); w != nil || err != nil {
+		t.Fatalf("the waypoint's own Service got %v, %v", w, err)
+	}
+}
+
+func TestWaypointPlacementAnnotation(t *testing.T) {
+	st := waypointState("all", map[string]string{UseWaypointLabel: "waypoint"})
+	w, _ := st.Bindings().ServiceWaypoint(st.Services[0])
+	if w == nil || w.EnforcesWorkloadPolicies || w.ServiceAccount != "waypoint" {
+		t.Fatalf("unannotated waypoint: %+v", w)
+	}
+	st.Pods[0].Annotations = map[string]string{PolicyPlacementAnnotation: "veil"}
+	if w, _ := st.Bindings().ServiceWaypoint(st.Services[0]); w == nil || !w.EnforcesWorkloadPolicies {
+		t.Fatalf("annotated waypoint: %+v", w)
+	}
+}
