@@ -307,7 +307,7 @@ func runWaypointScenarios(ctx context.Context, l *Lab, w io.Writer, label string
 					h = http.Header{"Authorization": {"Bearer " + tok}}
 				}
 				got = l.HTTP(ctx, pr.from, pr.method, addr, pr.path, h)
-				target = pr.method + " " + pr.to + pr.path
+				target = pr.method + " " + pr.to + " " + pr.path
 			}
 			mark := "ok"
 			if got.Result != pr.want {
