@@ -22,9 +22,10 @@ type workload struct {
 	waypointErr error
 	// isWaypoint marks a waypoint's pod.
 	isWaypoint bool
-	// servedBy are the identities of the waypoints that may carry traffic to the pod
-	// (its own and its Services'), each true when that waypoint enforces the pod's own
-	// policies (it declares veil's policy placement).
+	// servedBy, for this node's pods, are the identities of the waypoints that may carry
+	// traffic to the pod (its own and those of the Services that select it, ready or
+	// not), each true when that waypoint enforces the pod's own policies (it declares
+	// veil's policy placement).
 	servedBy map[spiffeid.ID]bool
 }
 
@@ -107,7 +108,12 @@ func newView(st *cluster.State, node string, td spiffeid.TrustDomain, cniEnrolle
 		w := &workload{pod: p, id: id, enrolled: st.Enrolled(p) || cniEnrolled[podKey{p.Namespace, p.Name}], local: p.Node == node,
 			isWaypoint: st.IsWaypointPod(p)}
 		w.waypoint, w.waypointErr = bind.PodWaypoint(p)
-		w.servedBy = waypointIDs(td, w.servedBy, w.waypoint)
+		if w.local {
+			// Only this node's pods are ever a destination the agent decides for.
+			for _, wp := range bind.ServingWaypoints(p) {
+				w.servedBy = waypointIDs(td, w.servedBy, wp)
+			}
+		}
 		for _, ip := range p.IPs {
 			if other := v.byIP[ip]; other != nil && other != w {
 				conflicts[ip] = true
@@ -138,18 +144,6 @@ func newView(st *cluster.State, node string, td spiffeid.TrustDomain, cniEnrolle
 			sv.slices = st.SliceEndpoints(s)
 		}
 		sv.waypoint, sv.waypointErr = bind.ServiceWaypoint(s)
-		if sv.waypoint != nil && len(s.Selector) > 0 {
-			// Every pod the Service selects, ready or not: a pod that stops being ready
-			// keeps the connections the waypoint opened while it was.
-			for _, p := range st.Pods {
-				if p.Namespace != s.Namespace || len(p.IPs) == 0 || !cluster.Selects(s.Selector, p.Labels) {
-					continue
-				}
-				if w := v.byIP[p.IPs[0]]; w != nil {
-					w.servedBy = waypointIDs(td, w.servedBy, sv.waypoint)
-				}
-			}
-		}
 		for _, ip := range s.ClusterIPs {
 			v.vips[ip] = sv
 		}
