@@ -41,7 +41,6 @@ type Router struct {
 
 // routerState is an immutable picture of what the waypoint serves.
 type routerState struct {
-	st   *cluster.State
 	self *cluster.Waypoint
 	err  error // why the waypoint cannot serve (its Gateway is missing or refused)
 	// pods by address (all pods with an address), and their identities.
@@ -51,6 +50,9 @@ type routerState struct {
 	vips map[netip.Addr]*cluster.Service
 	// bound are the pods bound to this waypoint (workload traffic), by address.
 	bound map[netip.Addr]*cluster.Pod
+	// podPorts are the protocols the Services selecting a bound pod declare for its
+	// ports (computed here, not on every CONNECT).
+	podPorts map[*cluster.Pod]map[uint16]Protocol
 	// endpoints of the bound Services.
 	endpoints map[*cluster.Service][]*cluster.Pod
 	enrolled  map[*cluster.Pod]bool
@@ -95,9 +97,10 @@ func (r *Router) Update(st *cluster.State) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.init()
-	rs := &routerState{st: st, pods: map[netip.Addr]*cluster.Pod{}, ids: map[*cluster.Pod]spiffeid.ID{},
+	rs := &routerState{pods: map[netip.Addr]*cluster.Pod{}, ids: map[*cluster.Pod]spiffeid.ID{},
 		vips: map[netip.Addr]*cluster.Service{}, bound: map[netip.Addr]*cluster.Pod{},
-		endpoints: map[*cluster.Service][]*cluster.Pod{}, enrolled: map[*cluster.Pod]bool{}}
+		endpoints: map[*cluster.Service][]*cluster.Pod{}, enrolled: map[*cluster.Pod]bool{},
+		podPorts: map[*cluster.Pod]map[uint16]Protocol{}}
 	bind := st.Bindings()
 	var ws []*policy.Workload
 	for _, p := range st.Pods {
@@ -119,6 +122,7 @@ func (r *Router) Update(st *cluster.State) {
 			for _, ip := range p.IPs {
 				rs.bound[ip] = p
 			}
+			rs.podPorts[p] = podProtocols(st, p)
 		}
 	}
 	rs.self, rs.err = bind.Resolve(r.Namespace, r.Name)
@@ -181,17 +185,11 @@ func (r *Router) Route(req *tunnel.Request) (*Route, error) {
 		rt.Protocol = PortProtocol(sp.Port, sp.Name, sp.AppProtocol)
 	} else if pod := rs.bound[dst.Addr().Unmap()]; pod != nil {
 		ctx.pod = pod
-		rt.Protocol = ProtocolAuto // no Service port declares it: sniffed, as Istio does
-		for _, s := range rs.st.Services {
-			if s.Namespace != pod.Namespace || len(s.Selector) == 0 || !cluster.Selects(s.Selector, pod.Labels) {
-				continue
-			}
-			for _, sp := range s.Ports {
-				if tp, ok := sp.TargetPortOn(pod); ok && tp == dst.Port() && sp.Protocol == "TCP" {
-					rt.Protocol = PortProtocol(dst.Port(), sp.Name, sp.AppProtocol)
-				}
-			}
+		p, ok := rs.podPorts[pod][dst.Port()]
+		if !ok {
+			p = ProtocolAuto // no Service port declares it: sniffed, as Istio does
 		}
+		rt.Protocol = p
 	} else {
 		return nil, tunnel.Unreachable(fmt.Errorf("%w: %s", ErrNotBound, dst))
 	}
@@ -199,6 +197,23 @@ func (r *Router) Route(req *tunnel.Request) (*Route, error) {
 	rt.DecideTCP = ctx.decideTCP
 	rt.Labels = ctx.labels()
 	return rt, nil
+}
+
+// podProtocols are the protocols the Services that select p declare for p's ports (the
+// last Service listed wins a port two declare).
+func podProtocols(st *cluster.State, p *cluster.Pod) map[uint16]Protocol {
+	out := map[uint16]Protocol{}
+	for _, s := range st.Services {
+		if s.Namespace != p.Namespace || len(s.Selector) == 0 || !cluster.Selects(s.Selector, p.Labels) {
+			continue
+		}
+		for _, sp := range s.Ports {
+			if tp, ok := sp.TargetPortOn(p); ok && sp.Protocol == "TCP" {
+				out[tp] = PortProtocol(tp, sp.Name, sp.AppProtocol)
+			}
+		}
+	}
+	return out
 }
 
 // routeCtx is one accepted CONNECT's route.
@@ -262,9 +277,8 @@ func (c *routeCtx) self(snap *policy.Snapshot) *policy.CompiledWorkload {
 }
 
 var (
-	rbacDenied   = &Response{Status: http.StatusForbidden, Body: "RBAC: access denied"}
-	noUpstream   = &Response{Status: http.StatusServiceUnavailable, Body: "no healthy upstream", Flags: "UH"}
-	noAuthConfig = &Response{Status: http.StatusForbidden, Body: "RBAC: access denied"}
+	rbacDenied = &Response{Status: http.StatusForbidden, Body: "RBAC: access denied"}
+	noUpstream = &Response{Status: http.StatusServiceUnavailable, Body: "no healthy upstream", Flags: "UH"}
 )
 
 // decideHTTP is Envoy's order at a waypoint: CUSTOM, RequestAuthentication, DENY, ALLOW
@@ -279,14 +293,14 @@ func (c *routeCtx) decideHTTP(hr *http.Request) (Upstream, *Response) {
 	snap := c.r.store.Snapshot()
 	gw := c.self(snap)
 	if gw == nil {
-		return Upstream{}, noAuthConfig
+		return Upstream{}, rbacDenied // fail closed: the waypoint is not in the policy snapshot
 	}
 	req := c.request(hr, ep)
 	layers := []*policy.CompiledWorkload{gw}
 	if !c.r.Policy.Istio() {
 		w := snap.WorkloadByIP(ep.Addr.Addr())
 		if w == nil {
-			return Upstream{}, noAuthConfig // fail closed: an endpoint the policy engine does not know
+			return Upstream{}, rbacDenied // fail closed: an endpoint the policy engine does not know
 		}
 		layers = append(layers, w)
 	}
