@@ -624,21 +624,7 @@ func (h *h1Server) writeResponse(r *http.Request, resp *http.Response) bool {
 		return false
 	}
 	if chunked {
-		bw.WriteString("0\r\n")
-		for k, vv := range resp.Trailer {
-			if !httpguts.ValidHeaderFieldName(k) {
-				continue
-			}
-			for _, v := range vv {
-				if httpguts.ValidHeaderFieldValue(v) {
-					bw.WriteString(k)
-					bw.WriteString(": ")
-					bw.WriteString(v)
-					bw.WriteString("\r\n")
-				}
-			}
-		}
-		bw.WriteString("\r\n")
+		writeLastChunk(bw, resp.Trailer)
 	}
 	return bw.Flush() == nil
 }
@@ -1077,21 +1063,7 @@ func (uc *h1Conn) writeBody(r *http.Request) error {
 		return io.ErrUnexpectedEOF
 	}
 	if chunked {
-		bw.WriteString("0\r\n")
-		for k, vv := range r.Trailer {
-			if !httpguts.ValidHeaderFieldName(k) {
-				continue
-			}
-			for _, v := range vv {
-				if httpguts.ValidHeaderFieldValue(v) {
-					bw.WriteString(k)
-					bw.WriteString(": ")
-					bw.WriteString(v)
-					bw.WriteString("\r\n")
-				}
-			}
-		}
-		bw.WriteString("\r\n")
+		writeLastChunk(bw, r.Trailer)
 	}
 	return bw.Flush()
 }
@@ -1244,4 +1216,24 @@ func internMethod(m []byte) string {
 		return http.MethodConnect
 	}
 	return string(m)
+}
+
+// writeLastChunk ends a chunked body: the last chunk and the trailer fields (those with a
+// valid name and value).
+func writeLastChunk(bw *bufio.Writer, trailer http.Header) {
+	bw.WriteString("0\r\n")
+	for k, vv := range trailer {
+		if !httpguts.ValidHeaderFieldName(k) {
+			continue
+		}
+		for _, v := range vv {
+			if httpguts.ValidHeaderFieldValue(v) {
+				bw.WriteString(k)
+				bw.WriteString(": ")
+				bw.WriteString(v)
+				bw.WriteString("\r\n")
+			}
+		}
+	}
+	bw.WriteString("\r\n")
 }
