@@ -28,8 +28,6 @@ import (
 	"github.com/veilmesh/veil/internal/handover"
 	"github.com/veilmesh/veil/internal/removal"
 	"github.com/veilmesh/veil/policy"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/keepalive"
 )
 
 func main() {
@@ -129,36 +127,15 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if *caRootCheck < 0 {
 		return fmt.Errorf("--ca-root-check-interval %v: must not be negative", *caRootCheck)
 	}
-	// The trust bundle: the roots --ca-root names (the bundle the controller publishes) and
-	// those of the CA's latest answer (the bundle the CA has in force), followed as both
-	// change. Every handshake reads it, with the CA as with peers: a root rotation needs
-	// no restart.
-	bundle := identity.NewTrustBundle(td)
-	bundleFile := &identity.BundleFile{Path: *caRoot, Bundle: bundle, Log: log}
-	if _, err := bundleFile.Load(); err != nil {
-		return fmt.Errorf("--ca-root: %w", err)
-	}
-	// The token is read again for every call: in Kubernetes it is the agent's projected
-	// service-account token (audience istio-ca), which the kubelet rotates.
-	if _, err := identity.TokenFile(*tokenFile).GetRequestMetadata(ctx); err != nil {
-		return fmt.Errorf("--token-file: %w", err)
-	}
-	// One connection to the controller carries the CA and the config stream; keepalive
-	// notices a controller that vanished without closing.
-	conn, err := identity.DialCABundle(*caAddr, *caServerName, bundle, identity.TokenFile(*tokenFile),
-		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 30 * time.Second, Timeout: 10 * time.Second}))
+	// One connection to the controller carries the CA and the config stream; the trust
+	// bundle follows --ca-root and the CA's answers, so a root rotation needs no restart.
+	ctl, err := identity.ConnectController(ctx, identity.ControllerOptions{Addr: *caAddr, ServerName: *caServerName,
+		RootFile: *caRoot, TokenFile: *tokenFile, TrustDomain: td, TTL: *certTTL, Log: log})
 	if err != nil {
 		return err
 	}
-	defer conn.Close()
-	certs, err := identity.NewManager(identity.ManagerOptions{Issuer: identity.NewClient(conn), TTL: *certTTL, Bundle: bundle, Log: log})
-	if err != nil {
-		return err
-	}
-	defer certs.Close()
-	// When --ca-root changes, an early renewal brings the CA's bundle in force: a root the
-	// file dropped goes once the CA's answer drops it too.
-	bundleFile.OnChange = func() { certs.Refresh(td) }
+	defer ctl.Close()
+	conn, bundleFile, certs := ctl.Conn, ctl.BundleFile, ctl.Certs
 
 	// A running agent on this node hands its listeners over (a DaemonSet surge, or
 	// `veilctl lab restart-agent`): the sockets never close, so not a connection is lost.

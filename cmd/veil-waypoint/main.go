@@ -26,8 +26,6 @@ import (
 	"github.com/veilmesh/veil/identity"
 	"github.com/veilmesh/veil/policy"
 	"github.com/veilmesh/veil/waypoint"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/keepalive"
 )
 
 func main() {
@@ -97,26 +95,13 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 	if err != nil {
 		return fmt.Errorf("--trust-domain %q: %w", *trustDomain, err)
 	}
-	bundle := identity.NewTrustBundle(td)
-	bundleFile := &identity.BundleFile{Path: *caRoot, Bundle: bundle, Log: log}
-	if _, err := bundleFile.Load(); err != nil {
-		return fmt.Errorf("--ca-root: %w", err)
-	}
-	if _, err := identity.TokenFile(*tokenFile).GetRequestMetadata(ctx); err != nil {
-		return fmt.Errorf("--token-file: %w", err)
-	}
-	conn, err := identity.DialCABundle(*caAddr, *caServerName, bundle, identity.TokenFile(*tokenFile),
-		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 30 * time.Second, Timeout: 10 * time.Second}))
+	ctl, err := identity.ConnectController(ctx, identity.ControllerOptions{Addr: *caAddr, ServerName: *caServerName,
+		RootFile: *caRoot, TokenFile: *tokenFile, TrustDomain: td, TTL: *certTTL, Log: log})
 	if err != nil {
 		return err
 	}
-	defer conn.Close()
-	certs, err := identity.NewManager(identity.ManagerOptions{Issuer: identity.NewClient(conn), TTL: *certTTL, Bundle: bundle, Log: log})
-	if err != nil {
-		return err
-	}
-	defer certs.Close()
-	bundleFile.OnChange = func() { certs.Refresh(td) }
+	defer ctl.Close()
+	conn, bundleFile, certs := ctl.Conn, ctl.BundleFile, ctl.Certs
 	go bundleFile.Watch(ctx, 5*time.Second)
 
 	reg := prometheus.NewRegistry()
