@@ -159,16 +159,9 @@ func (s *servingCerts) get(ca *identity.CA) (*tls.Certificate, error) {
 // LoadNodeTokens reads a YAML map of node name -> bootstrap token. The file holds
 // secrets: it is refused when others may read it.
 func LoadNodeTokens(path string) (*identity.NodeTokens, error) {
-	st, err := os.Stat(path)
+	data, err := readSecretFile(path, "node tokens")
 	if err != nil {
-		return nil, fmt.Errorf("controller: node tokens: %w", err)
-	}
-	if st.Mode().Perm()&0o077 != 0 {
-		return nil, fmt.Errorf("controller: node tokens: %s has mode %v; make it readable by its owner only (chmod 600)", path, st.Mode().Perm())
-	}
-	data, err := os.ReadFile(path)
-	if err != nil {
-		return nil, fmt.Errorf("controller: node tokens: %w", err)
+		return nil, err
 	}
 	var tokens map[string]string
 	if err := yaml.UnmarshalStrict(data, &tokens); err != nil {
@@ -181,19 +174,29 @@ func LoadNodeTokens(path string) (*identity.NodeTokens, error) {
 	return n, nil
 }
 
-// LoadWorkloadTokens reads a workload-token file: a YAML list of {token, node, namespace,
-// serviceAccount}, mode 0600, for workloads (waypoints) outside Kubernetes.
-func LoadWorkloadTokens(path string, td spiffeid.TrustDomain) (*identity.WorkloadTokens, error) {
+// readSecretFile reads a file of secrets (what names it in errors), refusing it when
+// others than its owner may read it.
+func readSecretFile(path, what string) ([]byte, error) {
 	st, err := os.Stat(path)
 	if err != nil {
-		return nil, fmt.Errorf("controller: workload tokens: %w", err)
+		return nil, fmt.Errorf("controller: %s: %w", what, err)
 	}
 	if st.Mode().Perm()&0o077 != 0 {
-		return nil, fmt.Errorf("controller: workload tokens: %s has mode %v; make it readable by its owner only (chmod 600)", path, st.Mode().Perm())
+		return nil, fmt.Errorf("controller: %s: %s has mode %v; make it readable by its owner only (chmod 600)", what, path, st.Mode().Perm())
 	}
 	data, err := os.ReadFile(path)
 	if err != nil {
-		return nil, fmt.Errorf("controller: workload tokens: %w", err)
+		return nil, fmt.Errorf("controller: %s: %w", what, err)
+	}
+	return data, nil
+}
+
+// LoadWorkloadTokens reads a workload-token file: a YAML list of {token, node, namespace,
+// serviceAccount}, mode 0600, for workloads (waypoints) outside Kubernetes.
+func LoadWorkloadTokens(path string, td spiffeid.TrustDomain) (*identity.WorkloadTokens, error) {
+	data, err := readSecretFile(path, "workload tokens")
+	if err != nil {
+		return nil, err
 	}
 	var tokens []identity.WorkloadToken
 	if err := yaml.UnmarshalStrict(data, &tokens); err != nil {
