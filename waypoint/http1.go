@@ -398,14 +398,8 @@ func normalizeTarget(target string) (*url.URL, string, error) {
 func (h *h1Server) exchange(r *http.Request, hd *h1Head) bool {
 	s := h.s
 	start := time.Now()
-	prepareRequest(r.Header)
-	var up Upstream
-	reply := replyInternal
-	if s.rt.Decide != nil {
-		up, reply = s.rt.Decide(r)
-	}
+	up, reply := s.decide(r)
 	if reply != nil {
-		reply = validResponse(reply)
 		keep := !r.Close && h.discardBody(r, hd)
 		s.stats.record(s.rt.Labels, nil, requestProtocol(r), reply.Status, reply.Flags, "", time.Since(start))
 		h.writeLocal(reply, !keep, r.Method)

@@ -233,14 +233,8 @@ func (s *session) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	r.URL, r.RequestURI = u, uri
 	removeHopHeaders(r.Header)
-	prepareRequest(r.Header)
-	var up Upstream
-	reply := replyInternal
-	if s.rt.Decide != nil {
-		up, reply = s.rt.Decide(r)
-	}
+	up, reply := s.decide(r)
 	if reply != nil {
-		reply = validResponse(reply)
 		local(reply, reply.Flags)
 		return
 	}

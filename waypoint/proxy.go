@@ -676,6 +676,20 @@ func prepareRequest(h http.Header) {
 }
 
 // validResponse fixes a Decide reply that could not be sent as is.
+// decide prepares r as it will be forwarded and asks the route: the upstream, or the
+// local reply to send instead (a Route without Decide answers 500).
+func (s *session) decide(r *http.Request) (Upstream, *Response) {
+	prepareRequest(r.Header)
+	if s.rt.Decide == nil {
+		return Upstream{}, replyInternal
+	}
+	up, reply := s.rt.Decide(r)
+	if reply != nil {
+		reply = validResponse(reply)
+	}
+	return up, reply
+}
+
 func validResponse(r *Response) *Response {
 	if r.Status < 200 || r.Status > 999 {
 		return replyInternal
