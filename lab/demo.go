@@ -28,31 +28,9 @@ type Outcome struct {
 	Body   string
 }
 
-// Request makes an HTTP GET from inside a pod to addr, as its application would.
+// Request makes an HTTP GET of / from inside a pod to addr, as its application would.
 func (l *Lab) Request(ctx context.Context, from, addr string) Outcome {
-	p, err := l.Spec.Pod(from)
-	if err != nil {
-		return Outcome{Result: "error: " + err.Error()}
-	}
-	ns := l.podNS(p)
-	client := &http.Client{
-		Timeout: 5 * time.Second,
-		Transport: &http.Transport{
-			DialContext:       func(ctx context.Context, _, a string) (net.Conn, error) { return dialIn(ctx, ns, a) },
-			DisableKeepAlives: true,
-		},
-	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr+"/", nil)
-	if err != nil {
-		return Outcome{Result: "error: " + err.Error()}
-	}
-	resp, err := client.Do(req)
-	if err != nil {
-		return classify(err)
-	}
-	defer resp.Body.Close()
-	body, _ := io.ReadAll(resp.Body)
-	return Outcome{Result: fmt.Sprint(resp.StatusCode), Body: strings.TrimSpace(string(body))}
+	return l.HTTP(ctx, from, http.MethodGet, addr, "/", nil)
 }
 
 // classify names the failure of a request as the demo reports it.
