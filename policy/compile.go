@@ -410,6 +410,19 @@ func (w *CompiledWorkload) EvaluateHTTP(r *Request) Decision {
 	return w.l7.decide(r, layerL7, extra)
 }
 
+// HasCustom reports whether any CUSTOM policy applies to requests for svc (zero for
+// none) at this workload: when not, no request's decision can name one, and a caller
+// that checks CUSTOM apart (a waypoint, before authentication) can skip that pass.
+func (w *CompiledWorkload) HasCustom(svc ServiceRef) bool {
+	for _, s := range w.l7.sets {
+		if s != nil && s.custom.n > 0 {
+			return true
+		}
+	}
+	s := w.services[svc]
+	return s != nil && s.custom.n > 0
+}
+
 // EvaluateTCP decides a connection that an Envoy-based proxy (a waypoint) cannot parse as
 // HTTP, with Envoy's TCP semantics over the policies that apply at L7 (for svc, at a
 // waypoint): a DENY rule is enforced without its HTTP fields, so one that needs HTTP

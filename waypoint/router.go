@@ -313,6 +313,9 @@ func (c *routeCtx) decideHTTP(hr *http.Request) (Upstream, *Response) {
 		if i == 0 {
 			req.Service = svc
 		}
+		if !cw.HasCustom(req.Service) {
+			continue
+		}
 		if d := cw.EvaluateHTTP(req); d.Custom != nil {
 			return Upstream{}, rbacDenied
 		}
@@ -359,8 +362,10 @@ func (c *routeCtx) decideHTTP(hr *http.Request) (Upstream, *Response) {
 		jwts[i] = tok
 	}
 	// RBAC sees the request as the JWT filter left it: a client's copies of output
-	// headers removed, verified claims copied in.
-	req.Headers = lowerHeaders(hr.Header)
+	// headers removed, verified claims copied in (unchanged when no filter ran).
+	if sent != nil {
+		req.Headers = lowerHeaders(hr.Header)
+	}
 	for i, cw := range layers {
 		req.JWT = jwts[i]
 		if i == 0 {
